@@ -1,0 +1,29 @@
+"""Exceptions raised by nesta_ray. The CLI maps every ``NestaError`` to one line and exit code 2."""
+
+
+class NestaError(Exception):
+    """Base class: a failure the user can act on, with a message that says how."""
+
+
+class ConfigError(NestaError):
+    """A configuration value is missing, unknown or out of range; the message names the field and the fix."""
+
+
+class DataError(NestaError):
+    """Calibration or evaluation text cannot be read or is too short for the requested windows."""
+
+
+class NumericalError(NestaError):
+    """A decomposition input or result is not finite, or a whitening factor cannot be formed."""
+
+
+class ModelError(NestaError):
+    """The model cannot be found, converted, or has an architecture nesta_ray does not support."""
+
+
+class CheckpointError(NestaError):
+    """A checkpoint is incomplete, fails its manifest checks, or cannot be written."""
+
+
+class StorageError(NestaError):
+    """Object storage is unreachable, refuses the credentials, or the bucket does not exist."""
