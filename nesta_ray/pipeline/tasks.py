@@ -1,0 +1,33 @@
+"""Work units that Ray runs: plain functions over numpy arrays (zero-copy in Ray's object store), no Ray import."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from nesta_ray.decompose import decompose_group
+
+
+def decompose_group_arrays(
+    weights: dict[str, np.ndarray], ranks: dict[str, int], method: str, gram: np.ndarray | None,
+    abs_mean: np.ndarray | None, k1_fraction: float, damping: float, alpha: float, threads: int,
+) -> dict[str, dict]:
+    """Decompose the linears of one input group; factors come back as float32 numpy arrays with their statistics.
+
+    ``threads`` fixes torch's intra-op threads so results are bit-identical whatever the number of workers.
+    """
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    tensor = lambda a: None if a is None else torch.tensor(a)  # copy: object-store arrays are read-only
+    factors = decompose_group(
+        {k: tensor(v) for k, v in weights.items()}, ranks, method, gram=tensor(gram), abs_mean=tensor(abs_mean),
+        k1_fraction=k1_fraction, damping=damping, alpha=alpha,
+    )
+    seconds = (time.perf_counter() - start) / max(len(factors), 1)
+    return {
+        name: {"A": f.A.numpy(), "B": f.B.numpy(), "k1": f.k1, "k2": f.k2, "loss": f.loss,
+               "relative_loss": f.relative_loss, "fallbacks": f.fallbacks, "seconds": seconds}
+        for name, f in factors.items()
+    }

@@ -1,0 +1,95 @@
+"""Run reports: markdown tables from plain result dicts, and JSON writing. No computation, no model code."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return f"{x:,.2f}" if abs(x) < 1e5 else f"{x:,.0f}"
+
+
+def table(header: list[str], rows: Iterable[list[Any]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def perplexity_table(results: dict[str, list]) -> str:
+    """Rows per evaluation set, one column per model label; ``results`` maps label -> list of Perplexity."""
+    labels = list(results)
+    names = [r.name for r in next(iter(results.values()))]
+    rows = []
+    for i, name in enumerate(names):
+        cells = [results[label][i] for label in labels]
+        rows.append([name] + [_fmt(c.perplexity) + (f" ({c.nonfinite_windows} non-finite)" if c.nonfinite_windows else "")
+                              for c in cells] + [cells[0].windows])
+    return table(["set"] + labels + ["windows"], rows)
+
+
+def before_after_table(perplexity: dict[str, dict[str, dict]]) -> str:
+    """Perplexity per set: dense, compressed and the change; ``perplexity`` maps set -> {"dense", "compressed"}."""
+    rows = []
+    for name, r in perplexity.items():
+        dense, comp = r.get("dense"), r["compressed"]
+        change = (comp["perplexity"] / dense["perplexity"] - 1) * 100 if dense else float("nan")
+        flag = f" ({comp['nonfinite_windows']} non-finite)" if comp["nonfinite_windows"] else ""
+        rows.append([name, _fmt(dense["perplexity"]) if dense else "-", _fmt(comp["perplexity"]) + flag,
+                     f"{change:+.1f}%" if dense else "-", comp["windows"]])
+    return table(["set", "dense", "compressed", "change", "windows"], rows)
+
+
+def layer_loss_table(modules: dict[str, dict]) -> str:
+    """Relative whitened loss per decoder layer (rows) and projection (columns)."""
+    grid: dict[int, dict[str, float]] = defaultdict(dict)
+    columns: list[str] = []
+    for name, m in modules.items():
+        parts = name.split(".")
+        layer = next(int(p) for p in parts if p.isdigit())
+        col = parts[-1]
+        grid[layer][col] = m["relative_loss"]
+        if col not in columns:
+            columns.append(col)
+    rows = [[layer] + [f"{grid[layer][c]:.4f}" if c in grid[layer] else "-" for c in columns] for layer in sorted(grid)]
+    return table(["layer"] + columns, rows)
+
+
+def run_markdown(report: dict) -> str:
+    """The run report as markdown: parameters, perplexity before/after, timings, fallbacks, per-layer loss."""
+    p = report["parameters"]
+    parts = [
+        f"# nesta_ray run {report['run_id']}",
+        f"method **{report['method']['name']}**, target ratio {report['method']['ratio']}, "
+        f"k1_fraction {report['method']['k1_fraction']}, model `{report['model']['source']}`",
+        "## Parameters",
+        table(["scope", "before", "after", "removed"], [
+            ["compressed linears", f"{p['linears_before']:,}", f"{p['linears_after']:,}",
+             f"{1 - p['linears_after'] / p['linears_before']:.1%}"],
+            ["whole model", f"{p['model_before']:,}", f"{p['model_after']:,}",
+             f"{1 - p['model_after'] / p['model_before']:.1%}"],
+        ]),
+    ]
+    if report.get("perplexity"):
+        parts += ["## Perplexity", before_after_table(report["perplexity"])]
+    if report.get("generation"):
+        g = report["generation"]
+        parts += ["## Greedy sample", f"prompt: `{g['prompt']}`", f"compressed: `{g['compressed']}`"]
+    parts += ["## Timings (s)", table(list(report["timings"]), [[f"{v:.1f}" for v in report["timings"].values()]])]
+    parts += ["## Numerical fallbacks", table(list(report["fallbacks"]), [list(report["fallbacks"].values())])]
+    parts += ["## Relative whitened loss per layer", layer_loss_table(report["modules"])]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (creating parent folders)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

