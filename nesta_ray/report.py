@@ -89,7 +89,18 @@ def run_markdown(report: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by the string "inf", "-inf" or "nan" (strict JSON has none)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (creating parent folders)."""
+    """Write ``obj`` as indented strict JSON (non-finite floats as strings), creating parent folders."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    Path(path).write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False, default=str) + "\n")

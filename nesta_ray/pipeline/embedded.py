@@ -26,7 +26,7 @@ from nesta_ray.evaluate import generate, perplexity
 from nesta_ray.models import arch_for, decoder_layers
 from nesta_ray.pipeline.layerwise import MethodArgs, compress_layerwise
 from nesta_ray.pipeline.plan import Plan, make_plan
-from nesta_ray.report import run_markdown
+from nesta_ray.report import json_safe, run_markdown
 from nesta_ray.sources import fingerprint_model, load_model, resolve_model
 from nesta_ray.storage import RunWriter, check_storage
 
@@ -148,7 +148,7 @@ def run_job(cfg: JobConfig) -> dict:
         timings["total"] = time.perf_counter() - t_start
         report["timings"] = {k: round(v, 3) for k, v in timings.items()}
         report["run_uri"] = writer.run_uri
-        writer.put_json("report.json", report)
+        writer.put_json("report.json", json_safe(report))
         writer.put_bytes("report.md", run_markdown(report).encode())
         writer.commit(publish=True)
         progress.advance(write_task)

@@ -47,18 +47,25 @@ def layer_inputs(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, micro_batc
         return [capture_layer_inputs(model, spec, ids[i : i + micro_batch]) for i in range(0, ids.shape[0], micro_batch)]
 
 
-def _submit_layer(model: nn.Module, layer_idx: int, groups: dict[str, list[ModulePlan]], stats: InputStatistics,
-                  args: MethodArgs) -> list[ray.ObjectRef]:
+def submit_groups(model: nn.Module, groups: dict[str, list[ModulePlan]], grams: dict[str, Any],
+                  abs_means: dict[str, Any], args: MethodArgs) -> list[ray.ObjectRef]:
+    """One Ray task per input group of a layer. ``grams``/``abs_means`` map group -> (n, n)/(n,) float64 numpy
+    arrays or ObjectRefs of them (so statistics put once can serve many decompositions)."""
     remote = ray.remote(num_cpus=1)(decompose_group_arrays)
     refs = []
     for group, plans in groups.items():
-        acc = stats.accumulators[group]
         weights = {p.name: model.get_submodule(p.name).weight.detach().float().numpy() for p in plans}
         refs.append(remote.remote(
-            weights, {p.name: p.rank for p in plans}, args.method, acc.gram().numpy(), acc.abs_mean().numpy(),
+            weights, {p.name: p.rank for p in plans}, args.method, grams[group], abs_means[group],
             args.k1_fraction, args.damping, args.alpha, args.threads,
         ))
     return refs
+
+
+def statistics_arrays(stats: InputStatistics) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(grams, abs_means) per group as numpy arrays, from a layer's hooks."""
+    accs = stats.accumulators
+    return {g: a.gram().numpy() for g, a in accs.items()}, {g: a.abs_mean().numpy() for g, a in accs.items()}
 
 
 def install_factors(model: nn.Module, results: dict[str, dict]) -> None:
@@ -105,8 +112,7 @@ def compress_layerwise(
         with torch.no_grad(), InputStatistics(hooked) as stats:
             outputs = [run_layer(layer, h, kw) for h, kw in batches]
         timings.calibration += time.perf_counter() - start
-        refs = _submit_layer(model, i, groups, stats, args) if groups else []
-        del stats
+        refs = submit_groups(model, groups, *statistics_arrays(stats), args) if groups else []
         if mode == "propagate" and refs:
             collect(refs)
             start = time.perf_counter()
@@ -120,3 +126,17 @@ def compress_layerwise(
         on_layer(i)
     collect(pending)
     return results, timings
+
+
+def collect_statistics(model: nn.Module, spec: ArchSpec, layers: list[int], ids: torch.Tensor,
+                       micro_batch: int) -> dict[int, InputStatistics]:
+    """Input statistics of the dense model for the given layers (one forward pass, nothing decomposed)."""
+    batches = layer_inputs(model, spec, ids, micro_batch)
+    stats: dict[int, InputStatistics] = {}
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        if i > max(layers, default=-1):
+            break
+        hooked = group_inputs(layer, spec) if i in layers else {}
+        with torch.no_grad(), InputStatistics(hooked) as stats[i]:
+            batches = [(run_layer(layer, h, kw), kw) for h, kw in batches]
+    return {i: s for i, s in stats.items() if i in layers}
