@@ -17,17 +17,50 @@ from nesta_ray.errors import NestaError  # noqa: E402
 from nesta_ray.report import table  # noqa: E402
 
 
-def dry_run(cfg: JobConfig) -> str:
-    """The plan as text: linears by projection with ranks and parameter counts, totals and a memory estimate."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def measure_rates(seconds: float = 0.5) -> dict[str, float]:
+    """fp32 matmul and fp64 SVD throughput of this process (GFLOP/s), in about a second."""
+    import time
 
-    from nesta_ray.pipeline.embedded import build_plan
-    from nesta_ray.pipeline.plan import memory_estimate
+    import torch
+
+    from nesta_ray.pipeline.plan import svd_flops
+
+    def rate(fn, flops):
+        fn()
+        start, runs = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            fn()
+            runs += 1
+        return flops * runs / (time.perf_counter() - start) / 1e9
+
+    a = torch.randn(1024, 1024)
+    m = torch.randn(384, 1024, dtype=torch.float64)
+    return {"matmul_gflops": rate(lambda: a @ a, 2 * 1024**3), "svd_gflops": rate(lambda: torch.linalg.svd(m, full_matrices=False), svd_flops(384, 1024))}
+
+
+def _hf_config(cfg: JobConfig):
+    from transformers import AutoConfig
+
+    if cfg.model.config_json:
+        import json
+
+        raw = json.loads(open(cfg.model.config_json).read())
+        return AutoConfig.for_model(raw.pop("model_type"), **raw)
     from nesta_ray.sources import resolve_model
 
-    folder = resolve_model(cfg.model.source, cfg.model.cache_dir, cfg.model.storage_options)
-    hf_config = AutoConfig.from_pretrained(folder)
+    return AutoConfig.from_pretrained(resolve_model(cfg.model.source, cfg.model.cache_dir, cfg.model.storage_options))
+
+
+def dry_run(cfg: JobConfig) -> str:
+    """The plan as text: linears by projection with ranks and parameter counts, totals, memory, and with
+    ``runtime.workers`` the layer-shard actors with their memory peaks, bytes and time estimates."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nesta_ray.pipeline.embedded import build_plan, shard_plan
+    from nesta_ray.pipeline.plan import Rates, memory_estimate
+
+    hf_config = _hf_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     plan = build_plan(model, cfg)
@@ -37,9 +70,7 @@ def dry_run(cfg: JobConfig) -> str:
     rows = [[proj, len(ps), f"{m}x{n}", rank, f"{k1}+{k2}", f"{m * n * len(ps):,}", f"{rank * (m + n) * len(ps):,}"]
             for (proj, m, n, rank, k1, k2), ps in by_proj.items()]
     dtype_bytes = torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8
-    mem = memory_estimate(plan, hidden=hf_config.hidden_size, sequences=cfg.calibration.num_sequences,
-                          seq_len=cfg.calibration.seq_len, micro_batch=cfg.calibration.micro_batch,
-                          intermediate=hf_config.intermediate_size, dtype_bytes=dtype_bytes)
+    cal = cfg.calibration
     lines = [
         f"model {cfg.model.source} ({hf_config.model_type}, {plan.model_params:,} parameters), method "
         f"{cfg.method.name}, ratio {cfg.method.ratio}, {len(plan.modules)} linears in {len(plan.layers())} layers",
@@ -47,9 +78,29 @@ def dry_run(cfg: JobConfig) -> str:
         f"compressed linears: {plan.params_before:,} -> {plan.params_after:,} parameters "
         f"({1 - plan.params_after / plan.params_before:.1%} removed); whole model: {plan.model_params:,} -> "
         f"{plan.model_params - plan.params_before + plan.params_after:,}",
-        table(["memory", "GiB"], [[k, f"{v / 2**30:.3f}"] for k, v in mem.items()]),
-        f"output: {cfg.output.uri}/runs/<run id> (then latest)",
     ]
+    if cfg.runtime.workers:
+        rates_src = "runtime.rates" if cfg.runtime.rates else "measured on this machine (1 process)"
+        rates = Rates(**(cfg.runtime.rates.model_dump() if cfg.runtime.rates else measure_rates()))
+        shards = shard_plan(cfg, plan, hf_config, rates)
+        gib = lambda b: f"{b / 2**30:,.1f}"  # noqa: E731
+        lines.append(table(["actor", "layers", "weights GiB", "device peak GiB", "host peak GiB", "read GiB",
+                            "write GiB", "calibration h", "decomposition h"],
+                           [[s["actor"], s["layers"], gib(s["weights_bytes"]), gib(s["device_peak_bytes"]),
+                             gib(s["host_peak_bytes"]), gib(s["read_bytes"]), gib(s["write_bytes"]),
+                             f"{s['calibration_s'] / 3600:.2f}", f"{s['decomposition_s'] / 3600:.2f}"] for s in shards]))
+        total = sum(s["calibration_s"] for s in shards) + max(s["decomposition_s"] for s in shards)
+        lines.append(f"time estimate: {total / 3600:.2f} h (calibration passes shard to shard, then the last shard "
+                     f"decomposes; rates {rates_src}: matmul {rates.matmul_gflops:,.0f} GFLOP/s, "
+                     f"SVD {rates.svd_gflops:,.1f} GFLOP/s, read {rates.read_gbps} GB/s, write {rates.write_gbps} GB/s)")
+        lines.append(f"fits: every actor within {cfg.runtime.device_memory_gb} GiB device / "
+                     f"{cfg.runtime.host_memory_gb} GiB host memory")
+    else:
+        mem = memory_estimate(plan, hidden=hf_config.hidden_size, sequences=cal.num_sequences, seq_len=cal.seq_len,
+                              micro_batch=cal.micro_batch, intermediate=hf_config.intermediate_size,
+                              dtype_bytes=dtype_bytes)
+        lines.append(table(["memory", "GiB"], [[k, f"{v / 2**30:.3f}"] for k, v in mem.items()]))
+    lines.append(f"output: {cfg.output.uri}/runs/<run id> (then latest)")
     return "\n\n".join(lines)
 
 

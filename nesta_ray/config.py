@@ -30,6 +30,8 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the model runs in")
     cache_dir: str | None = Field(None, description="where converted models are cached (default ~/.cache/nesta_ray)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for a remote source")
+    config_json: str | None = Field(None, description="a local copy of the source's config.json; --dry-run plans "
+                                    "from it without reaching the source")
 
 
 class MethodConfig(_Strict):
@@ -103,11 +105,23 @@ class OutputConfig(_Strict):
     shard_bytes: int = Field(2 << 30, ge=1 << 20, description="maximum bytes per safetensors shard")
 
 
+class RatesConfig(_Strict):
+    matmul_gflops: float = Field(gt=0, description="fp32 matmul throughput of one worker, GFLOP/s")
+    svd_gflops: float = Field(gt=0, description="fp64 SVD throughput of one worker, GFLOP/s")
+    read_gbps: float = Field(1.0, gt=0, description="storage read bandwidth per worker, GB/s")
+    write_gbps: float = Field(0.5, gt=0, description="storage write bandwidth per worker, GB/s")
+
+
 class RuntimeConfig(_Strict):
     ray_address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
+    workers: int = Field(0, ge=0, description="layer-shard actors (one GPU each where there are GPUs); 0 runs the "
+                         "embedded loop: calibration in the driver, one Ray task per (layer, input group)")
     threads_per_task: int = Field(1, ge=1, description="torch threads per decomposition task (fixed for reproducibility)")
     progress: bool = Field(True, description="show rich progress bars")
+    device_memory_gb: float | None = Field(None, gt=0, description="memory of one worker's GPU; the plan refuses a job that exceeds it")
+    host_memory_gb: float | None = Field(None, gt=0, description="host memory per worker; the plan refuses a job that exceeds it")
+    rates: RatesConfig | None = Field(None, description="throughputs for the time estimate (default: measured on this machine)")
 
 
 class JobConfig(_Strict):

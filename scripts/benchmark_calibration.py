@@ -4,7 +4,7 @@
     backbone forward ``model.model(...)``);
 (b) the Gram and abs-sum products alone, on tensors of exactly the shapes the hooks see (fp32 xᵀx into fp64);
 (c) the same layer-by-layer forward with the statistics hooks on every input group.
-The target is c ≤ 1.2 × (a + b). Each number is the best of ``--repeat`` runs.
+The target is c ≤ 1.2 × (a + b). Each number is the best of ``--repeat`` interleaved rounds.
 
     python scripts/benchmark_calibration.py [--windows 16] [--seq-len 512] [--micro-batch 4] [--repeat 2]
 """
@@ -28,13 +28,16 @@ from nesta_ray.sources import load_model, resolve_model
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
 
-def best_of(repeat: int, fn) -> float:
-    times = []
+def best_of_interleaved(repeat: int, fns: dict) -> dict[str, float]:
+    """Best time of each function over ``repeat`` rounds, the functions interleaved within each round so that
+    background load affects all of them alike."""
+    best = {name: float("inf") for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                 for g, x in samples.items():
                     accs[g].add(x)
 
-    a = best_of(args.repeat, lambda: layerwise(False))
-    a_model = best_of(args.repeat, model_forward)
-    b = best_of(args.repeat, grams)
-    c = best_of(args.repeat, lambda: layerwise(True))
+    best = best_of_interleaved(args.repeat, {"a": lambda: layerwise(False), "a_model": model_forward, "b": grams,
+                                             "c": lambda: layerwise(True)})
+    a, a_model, b, c = best["a"], best["a_model"], best["b"], best["c"]
     result = {
         "windows": args.windows, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
         "threads": torch.get_num_threads(), "layers": len(layers), "group_widths": widths,

@@ -77,3 +77,11 @@ def tiny_folder(tmp_path_factory, smollm_folder):
     from tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), smollm_folder)
+
+
+@pytest.fixture(scope="session")
+def tiny3_folder(tmp_path_factory, smollm_folder):
+    """A 3-layer random Llama with SmolLM2's tokenizer, saved as a Hugging Face folder."""
+    from tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny3-llama"), smollm_folder, layers=3)

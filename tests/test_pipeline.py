@@ -76,3 +76,31 @@ def test_factors_are_bit_identical_across_runs(ray_local):
     for name in outs[0]:
         assert np.array_equal(outs[0][name]["A"], outs[1][name]["A"])
         assert np.array_equal(outs[0][name]["B"], outs[1][name]["B"])
+
+
+@pytest.mark.parametrize("mode", ["original", "propagate"])
+def test_embedded_one_and_two_shards_give_bit_identical_factors(ray_local, tiny3_folder, mode):
+    from nesta_ray.pipeline.sharded import compress_sharded
+    from nesta_ray.sources import load_model
+
+    model, _ = load_model(tiny3_folder)
+    plan = _plan(model)
+    ids = torch.randint(0, 2000, (4, 32), generator=torch.Generator().manual_seed(1))
+    embedded, _ = compress_layerwise(model, arch_for("llama"), plan, ids, micro_batch=2, mode=mode, args=ARGS)
+    for workers in (1, 2):
+        sharded, timings = compress_sharded(tiny3_folder, plan, ids, workers=workers, micro_batch=2, mode=mode,
+                                            args=ARGS, dtype="float32")
+        assert set(sharded) == set(embedded)
+        for name in embedded:
+            assert np.array_equal(sharded[name]["A"], embedded[name]["A"]), (workers, name)
+            assert np.array_equal(sharded[name]["B"], embedded[name]["B"]), (workers, name)
+        assert timings["max_actor_calibration"] > 0
+
+
+def test_shard_ranges_are_contiguous_and_balanced():
+    from nesta_ray.pipeline.sharded import shard_ranges
+
+    assert shard_ranges(5, 2) == [[0, 1, 2], [3, 4]]
+    assert shard_ranges(80, 8)[7] == list(range(70, 80))
+    with pytest.raises(ValueError):
+        shard_ranges(2, 3)

@@ -23,9 +23,10 @@ from nesta_ray.config import JobConfig, TextSource
 from nesta_ray.data import fingerprint_tokens, pick_windows, read_dataset, read_text, token_windows
 from nesta_ray.errors import ConfigError
 from nesta_ray.evaluate import generate, perplexity
-from nesta_ray.models import arch_for, decoder_layers
-from nesta_ray.pipeline.layerwise import MethodArgs, compress_layerwise
-from nesta_ray.pipeline.plan import Plan, make_plan
+from nesta_ray.models import arch_for
+from nesta_ray.pipeline.layerwise import MethodArgs, compress_layerwise, install_factors
+from nesta_ray.pipeline.plan import ModelShape, Plan, Rates, check_fit, make_plan, shard_report
+from nesta_ray.pipeline.sharded import compress_sharded, shard_ranges
 from nesta_ray.report import json_safe, run_markdown
 from nesta_ray.sources import fingerprint_model, load_model, resolve_model
 from nesta_ray.storage import RunWriter, check_storage
@@ -52,6 +53,23 @@ def build_plan(model: torch.nn.Module, cfg: JobConfig) -> Plan:
                          k1_fraction=m.k1_fraction, targets=m.targets, layers=m.layers, rank_overrides=m.rank_overrides)
     except ValueError as err:
         raise ConfigError(f"method: {err}") from None
+
+
+def shard_plan(cfg: JobConfig, plan: Plan, hf_config, rates: Rates | None = None) -> list[dict]:
+    """Per-actor memory/bytes (and time, with ``rates``) for ``runtime.workers`` layer shards. Raises ConfigError
+    when the shards cannot be formed or one exceeds ``runtime.device_memory_gb`` / ``host_memory_gb``."""
+    cal, rt = cfg.calibration, cfg.runtime
+    dtype_bytes = torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8
+    shape = ModelShape(hf_config.hidden_size, hf_config.intermediate_size, hf_config.num_hidden_layers,
+                       hf_config.vocab_size, dtype_bytes, bool(getattr(hf_config, "tie_word_embeddings", False)))
+    try:
+        ranges = shard_ranges(max(plan.layers()) + 1, rt.workers)
+        shards = shard_report(plan, shape, ranges, sequences=cal.num_sequences, seq_len=cal.seq_len,
+                              micro_batch=cal.micro_batch, mode=cal.mode, rates=rates)
+        check_fit(shards, *[None if v is None else v * 2**30 for v in (rt.device_memory_gb, rt.host_memory_gb)])
+    except ValueError as err:
+        raise ConfigError(f"runtime: {err}") from None
+    return shards
 
 
 class TextCache:
@@ -109,6 +127,8 @@ def run_job(cfg: JobConfig) -> dict:
     timings["load"] = time.perf_counter() - t_start
     spec = arch_for(model.config.model_type)
     plan = build_plan(model, cfg)
+    if cfg.runtime.workers:
+        shard_plan(cfg, plan, model.config)  # refuses a job that cannot fit, before any work
     texts = TextCache(tokenizer)
     calib, evals = calibration_ids(cfg, texts), evaluation_ids(cfg, texts)
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + cfg.fingerprint()[:8]
@@ -121,14 +141,23 @@ def run_job(cfg: JobConfig) -> dict:
         dense = _evaluate(model, evals, progress, "dense") if cfg.evaluation.dense else {}
         timings["evaluate_dense"] = time.perf_counter() - t
         t = time.perf_counter()
-        layers_task = progress.add_task("calibrate layers", total=min(len(decoder_layers(model, spec)), max(plan.layers()) + 1))
-        linears_task = progress.add_task("decompose linears", total=len(plan.modules))
-        results, lw = compress_layerwise(
-            model, spec, plan, calib, micro_batch=cfg.calibration.micro_batch, mode=cfg.calibration.mode, args=args,
-            on_layer=lambda i: progress.advance(layers_task), on_group=lambda r: progress.advance(linears_task, len(r)),
-        )
-        timings["calibration"] = lw.calibration
-        timings["decomposition_wait"] = lw.decomposition_wait
+        if cfg.runtime.workers:
+            progress.add_task(f"calibrate + decompose on {cfg.runtime.workers} layer shards", total=None)
+            results, shard_times = compress_sharded(
+                folder, plan, calib, workers=cfg.runtime.workers, micro_batch=cfg.calibration.micro_batch,
+                mode=cfg.calibration.mode, args=args, dtype=cfg.model.dtype)
+            install_factors(model, results)
+            timings.update(shard_times)
+        else:
+            layers_task = progress.add_task("calibrate layers", total=max(plan.layers()) + 1)
+            linears_task = progress.add_task("decompose linears", total=len(plan.modules))
+            results, lw = compress_layerwise(
+                model, spec, plan, calib, micro_batch=cfg.calibration.micro_batch, mode=cfg.calibration.mode,
+                args=args, on_layer=lambda i: progress.advance(layers_task),
+                on_group=lambda r: progress.advance(linears_task, len(r)),
+            )
+            timings["calibration"] = lw.calibration
+            timings["decomposition_wait"] = lw.decomposition_wait
         timings["compress_total"] = time.perf_counter() - t
         t = time.perf_counter()
         compressed = _evaluate(model, evals, progress, "compressed")

@@ -105,3 +105,84 @@ def memory_estimate(plan: Plan, *, hidden: int, sequences: int, seq_len: int, mi
         "grams_all_layers": sum(per_layer.values()),
         "micro_batch_activations": 4 * micro_batch * seq_len * intermediate * 4,
     }
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only model that size a job (from its config.json)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    dtype_bytes: int
+    tied: bool
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Throughputs for time estimates: fp32 matmul and fp64 SVD in GFLOP/s, storage reads/writes in GB/s."""
+
+    matmul_gflops: float
+    svd_gflops: float
+    read_gbps: float = 1.0
+    write_gbps: float = 0.5
+
+
+def svd_flops(m: int, n: int) -> float:
+    """Work model of a dense SVD of an (m, n) matrix (Golub–Van Loan's leading terms for U, Σ, V)."""
+    small, large = min(m, n), max(m, n)
+    return 4.0 * large * small * small + 22.0 * small**3
+
+
+def shard_report(plan: Plan, shape: ModelShape, ranges: list[list[int]], *, sequences: int, seq_len: int,
+                 micro_batch: int, mode: str, rates: Rates | None = None) -> list[dict]:
+    """Per layer-shard actor: its layers, weights, device and host memory peaks, bytes moved, and time estimates.
+
+    Device peak (layer-at-a-time): one layer's weights + its fp64 Grams + one micro-batch's activations + the SVD
+    workspace of its widest matrix (the fp64 matrix, its Gram-sized whitening and U, V). Host peak: the hidden
+    states of every calibration window in and out, plus (original mode) the fp64 Grams of all its layers, which
+    wait for decomposition. Time estimates (seconds) are added when ``rates`` is given.
+    """
+    tokens = sequences * seq_len
+    h, i_ = shape.hidden, shape.intermediate
+    by_layer: dict[int, list[ModulePlan]] = {}
+    for p in plan.modules:
+        by_layer.setdefault(p.layer, []).append(p)
+    out = []
+    for k, layers in enumerate(ranges):
+        mods = [p for i in layers for p in by_layer.get(i, [])]
+        widths = {i: {(p.group, p.n) for p in by_layer.get(i, [])} for i in layers}  # one Gram per input group
+        layer_params = [sum(p.params_before for p in by_layer.get(i, [])) for i in layers]
+        grams = [sum(8 * n * n for _, n in widths[i]) for i in layers]
+        widest = max(mods, key=lambda p: p.m * p.n, default=None)
+        svd_workspace = 0 if widest is None else 8 * (3 * widest.m * widest.n + 3 * widest.n * widest.n)
+        weights = sum(layer_params) * shape.dtype_bytes + (shape.vocab * h * shape.dtype_bytes if k == 0 else 0)
+        activations = micro_batch * seq_len * (4 * h + 3 * i_) * 4
+        flops_calibration = 2.0 * sum(layer_params) * tokens + sum(2.0 * n * n * tokens for i in layers for _, n in widths[i])
+        flops_svd = sum(svd_flops(p.m, p.n) * (2 if p.k2 else 1) for p in mods)
+        written = sum(p.params_after for p in mods) * shape.dtype_bytes
+        entry = {
+            "actor": k, "layers": f"{layers[0]}-{layers[-1]}", "weights_bytes": weights,
+            "device_peak_bytes": max(layer_params, default=0) * shape.dtype_bytes + max(grams, default=0)
+            + activations + svd_workspace,
+            "host_peak_bytes": 2 * tokens * h * 4 + (sum(grams) if mode == "original" else max(grams, default=0)),
+            "read_bytes": weights, "write_bytes": written,
+        }
+        if rates is not None:
+            entry["calibration_s"] = flops_calibration / (rates.matmul_gflops * 1e9) + weights / (rates.read_gbps * 1e9)
+            entry["decomposition_s"] = flops_svd / (rates.svd_gflops * 1e9) + written / (rates.write_gbps * 1e9)
+        out.append(entry)
+    return out
+
+
+def check_fit(shards: list[dict], device_limit: float | None, host_limit: float | None) -> None:
+    """Raise ValueError naming the first actor whose device or host peak exceeds its limit (bytes), and the fix."""
+    for s in shards:
+        for key, limit, where in (("device_peak_bytes", device_limit, "device"), ("host_peak_bytes", host_limit, "host")):
+            if limit is not None and s[key] > limit:
+                raise ValueError(
+                    f"actor {s['actor']} (layers {s['layers']}) needs {s[key] / 2**30:.1f} GiB of {where} memory, "
+                    f"more than the {limit / 2**30:.1f} GiB available; raise runtime.workers or lower "
+                    "calibration.num_sequences / calibration.micro_batch"
+                )

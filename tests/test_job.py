@@ -1,0 +1,57 @@
+"""The whole job (run_job) on a tiny model: embedded and 2 layer shards write identical checkpoints; the plan CLI."""
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from nesta_ray.compress import main as compress_main
+from nesta_ray.config import validate
+from nesta_ray.pipeline.embedded import run_job
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = str(REPO.parent / "shared" / "corpora" / "en_web_c4_owt.txt")
+
+
+def _cfg(folder, out, workers, mode="original"):
+    return validate({
+        "model": {"source": folder},
+        "method": {"name": "nsvd1", "ratio": 0.3},
+        "calibration": {"path": CORPUS, "seq_len": 64, "num_windows": 100, "num_sequences": 6, "micro_batch": 2,
+                        "mode": mode},
+        "evaluation": {"seq_len": 64, "sets": [{"name": "held", "path": CORPUS, "first_window": 100, "num_windows": 2}]},
+        "output": {"uri": str(out)},
+        "runtime": {"workers": workers, "progress": False},
+    })
+
+
+def _tensors(report):
+    run = Path(report["run_uri"])
+    out = {}
+    for shard in sorted(run.glob("model-*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def test_embedded_and_sharded_jobs_write_identical_checkpoints(ray_local, tiny3_folder, tmp_path):
+    embedded = run_job(_cfg(tiny3_folder, tmp_path / "a", workers=0))
+    sharded = run_job(_cfg(tiny3_folder, tmp_path / "b", workers=2))
+    a, b = _tensors(embedded), _tensors(sharded)
+    assert set(a) == set(b) and "model.layers.2.mlp.down_proj.A" in a
+    assert all((a[k] == b[k]).all() for k in a)
+    assert embedded["perplexity"]["held"]["compressed"] == sharded["perplexity"]["held"]["compressed"]
+    assert (tmp_path / "b" / "latest").read_text().strip() == sharded["run_id"]
+
+
+def test_llama70b_dry_run_plans_eight_actors_from_the_meta_device(capsys):
+    assert compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "70,553,706,496 parameters" in out and "560 linears in 80 layers" in out
+    assert "| 7 | 70-79 |" in out and "fits: every actor" in out
+
+
+def test_a_job_that_cannot_fit_is_refused_before_any_work(capsys):
+    code = compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run",
+                          "--set", "runtime.device_memory_gb=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "actor 0 (layers 0-9) needs" in err and "raise runtime.workers" in err
