@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 
 from nesta_ray.calibration import InputStatistics
-from nesta_ray.models import ArchSpec, LowRankLinear, arch_for, capture_layer_inputs, decoder_layers, group_inputs, run_layer, set_submodule
-from nesta_ray.pipeline.layerwise import MethodArgs
-from nesta_ray.pipeline.plan import ModulePlan
+from nesta_ray.models import ArchSpec, arch_for, capture_layer_inputs, decoder_layers, group_inputs, run_layer
+from nesta_ray.pipeline.layerwise import MethodArgs, install_factors
+from nesta_ray.pipeline.plan import Plan
 from nesta_ray.pipeline.tasks import decompose_group_arrays
 
 Batch = tuple[np.ndarray, dict[str, Any]]  # hidden states (b, t, d) and layer kwargs
@@ -51,14 +51,14 @@ def read_tensors(folder: str, prefix: str) -> dict[str, torch.Tensor]:
 class LayerShard:
     """Decoder layers ``layers`` of the model in ``folder``; the first shard also embeds the token ids."""
 
-    def __init__(self, folder: str, layers: list[int], plans: list[ModulePlan], *, first: bool, dtype: str,
+    def __init__(self, folder: str, layers: list[int], plan: Plan, *, first: bool, dtype: str,
                  args: MethodArgs, mode: str) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         start = time.perf_counter()
         torch.set_num_threads(args.threads)
         self.args, self.mode, self.layers = args, mode, layers
-        self.plans = plans
+        self.plan = plan  # the planned linears of this shard's layers
         config = AutoConfig.from_pretrained(folder)
         self.spec: ArchSpec = arch_for(config.model_type)
         with torch.device("meta"):
@@ -101,7 +101,7 @@ class LayerShard:
         kwargs = [kw for _, kw in batches]
         layers = decoder_layers(self.model, self.spec)
         for i in self.layers:
-            groups = self._groups(i)
+            groups = self.plan.for_layer(i)
             with torch.no_grad(), InputStatistics({g: m for g, m in group_inputs(layers[i], self.spec).items()
                                                   if g in groups}) as stats:
                 outputs = [run_layer(layers[i], h, kw) for h, kw in zip(hidden, kwargs)]
@@ -116,27 +116,15 @@ class LayerShard:
         self.seconds["calibration"] += time.perf_counter() - start
         return [(h.numpy(), kw) for h, kw in zip(hidden, kwargs)]
 
-    def _groups(self, layer: int) -> dict[str, list[ModulePlan]]:
-        groups: dict[str, list[ModulePlan]] = {}
-        for p in self.plans:
-            if p.layer == layer:
-                groups.setdefault(p.group, []).append(p)
-        return groups
-
     def _decompose_layer(self, i: int) -> None:
         start = time.perf_counter()
-        for group, plans in self._groups(i).items():
+        for group, plans in self.plan.for_layer(i).items():
             gram, abs_mean = self.stats[i].pop(group)
             weights = {p.name: self.model.get_submodule(p.name).weight.detach().float().numpy() for p in plans}
             a = self.args
             res = decompose_group_arrays(weights, {p.name: p.rank for p in plans}, a.method, gram, abs_mean,
                                          a.k1_fraction, a.damping, a.alpha, a.threads)
-            for name, r in res.items():
-                old = self.model.get_submodule(name)
-                dtype = old.weight.dtype
-                set_submodule(self.model, name, LowRankLinear.from_factors(
-                    torch.from_numpy(r["A"]).to(dtype), torch.from_numpy(r["B"]).to(dtype),
-                    None if old.bias is None else old.bias.detach()))
+            install_factors(self.model, res)
             self.results.update(res)
         self.seconds["decomposition"] += time.perf_counter() - start
 

@@ -44,7 +44,8 @@ def compress_sharded(folder: str, plan: Plan, ids: torch.Tensor, *, workers: int
         actors = [
             remote.options(num_cpus=1, num_gpus=1 if use_gpu else 0, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=k)).remote(
-                folder, layers, [p for p in plan.modules if p.layer in layers], first=k == 0, dtype=dtype,
+                folder, layers, Plan([p for p in plan.modules if p.layer in layers], plan.model_params),
+                first=k == 0, dtype=dtype,
                 args=args, mode=mode)
             for k, layers in enumerate(ranges)
         ]

@@ -10,6 +10,11 @@ import torch
 from nesta_ray.decompose import decompose_group
 
 
+def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
+    """A writable copy (object-store arrays are read-only), or None."""
+    return None if a is None else torch.tensor(a)
+
+
 def decompose_group_arrays(
     weights: dict[str, np.ndarray], ranks: dict[str, int], method: str, gram: np.ndarray | None,
     abs_mean: np.ndarray | None, k1_fraction: float, damping: float, alpha: float, threads: int,
@@ -20,9 +25,8 @@ def decompose_group_arrays(
     """
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    tensor = lambda a: None if a is None else torch.tensor(a)  # copy: object-store arrays are read-only
     factors = decompose_group(
-        {k: tensor(v) for k, v in weights.items()}, ranks, method, gram=tensor(gram), abs_mean=tensor(abs_mean),
+        {k: _tensor(v) for k, v in weights.items()}, ranks, method, gram=_tensor(gram), abs_mean=_tensor(abs_mean),
         k1_fraction=k1_fraction, damping=damping, alpha=alpha,
     )
     seconds = (time.perf_counter() - start) / max(len(factors), 1)
