@@ -99,10 +99,14 @@ def load_compressed(uri: str, storage_options: dict | None = None, *, verify: bo
     sha256 unless ``verify=False``) before anything is loaded. Raises CheckpointError for an incomplete,
     tampered or foreign checkpoint.
     """
+    return _assemble(*_local_run(uri, storage_options, verify), uri)
+
+
+def _assemble(folder: str, meta: dict, uri: str) -> nn.Module:
+    """Build the model from a verified local run folder and its nesta.json."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder, meta = _local_run(uri, storage_options, verify)
     dtype = getattr(torch, meta.get("dtype", "float32"))
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
     for name, info in meta["modules"].items():
@@ -132,9 +136,8 @@ def load_any(uri: str, storage_options: dict | None = None):
         run_uri = resolve_run(uri, storage_options)
     except CheckpointError:
         return load_model(resolve_model(uri, storage_options=storage_options))
-    model = load_compressed(run_uri, storage_options)
-    folder, _ = _local_run(run_uri, storage_options, verify=False)
-    return model, AutoTokenizer.from_pretrained(folder)
+    folder, meta = _local_run(run_uri, storage_options, verify=True)
+    return _assemble(folder, meta, run_uri), AutoTokenizer.from_pretrained(folder)
 
 
 def export_dense(uri: str, out_dir: str, storage_options: dict | None = None) -> str:

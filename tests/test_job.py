@@ -1,5 +1,6 @@
 """The whole job (run_job) on a tiny model: embedded and 2 layer shards write identical checkpoints; the plan CLI."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,37 @@ def test_a_job_that_cannot_fit_is_refused_before_any_work(capsys):
                           "--set", "runtime.device_memory_gb=8"])
     err = capsys.readouterr().err
     assert code == 2 and "actor 0 (layers 0-9) needs" in err and "raise runtime.workers" in err
+
+
+def test_export_dense_and_the_evaluate_cli_on_both_outputs(ray_local, tiny3_folder, tmp_path, capsys):
+    from nesta_ray.evaluate import main as evaluate_main
+
+    cfg = _cfg(tiny3_folder, tmp_path / "o", workers=0)
+    report = run_job(cfg.model_copy(update={"output": cfg.output.model_copy(update={"export_dense": True})}))
+    run = Path(report["run_uri"])
+    assert (run / "dense" / "config.json").is_file() and (run / "dense" / "model.safetensors").is_file()
+    capsys.readouterr()
+    out_json = tmp_path / "eval.json"
+    assert evaluate_main(["--model", str(tmp_path / "o"), "--text", CORPUS, "--seq-len", "64",
+                          "--max-windows", "2", "--json", str(out_json)]) == 0
+    compressed = json.loads(out_json.read_text())["results"][0]["perplexity"]
+    assert evaluate_main(["--model", str(run / "dense"), "--text", CORPUS, "--seq-len", "64",
+                          "--max-windows", "2", "--json", str(out_json)]) == 0
+    dense_export = json.loads(out_json.read_text())["results"][0]["perplexity"]
+    assert compressed == pytest.approx(dense_export, rel=1e-4)
+    assert "| " + CORPUS in capsys.readouterr().out
+    assert evaluate_main(["--model", str(tmp_path / "missing"), "--text", CORPUS]) == 2
+
+
+def test_a_model_folder_on_s3_is_fetched_once_and_loads(tiny3_folder, s3_server, tmp_path):
+    import fsspec
+
+    from nesta_ray.sources import load_model, resolve_model
+
+    s3_server.make_bucket("models")
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    fs.put(tiny3_folder + "/", "models/tiny3/", recursive=True)
+    local = resolve_model("s3://models/tiny3", str(tmp_path / "cache"), s3_server.storage_options)
+    model, tok = load_model(local)
+    assert model.config.num_hidden_layers == 3 and tok("hi").input_ids
+    assert resolve_model("s3://models/tiny3", str(tmp_path / "cache"), s3_server.storage_options) == local
