@@ -114,8 +114,9 @@ def _assemble(folder: str, meta: dict, uri: str) -> nn.Module:
         set_submodule(model, name, LowRankLinear(old.in_features, old.out_features, info["rank"],
                                                  bias=old.bias is not None, dtype=dtype))
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(Path(folder).glob("model-*.safetensors")):
-        state.update(load_file(str(shard)))
+    index = json.loads((Path(folder) / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):  # the shards the manifest verified, nothing else
+        state.update(load_file(str(Path(folder) / shard)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(meta.get("tied", {}))
     if unexpected or set(missing) - tied:
@@ -126,7 +127,7 @@ def _assemble(folder: str, meta: dict, uri: str) -> nn.Module:
     return model
 
 
-def load_any(uri: str, storage_options: dict | None = None):
+def load_any(uri: str, storage_options: dict | None = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a compressed checkpoint URI or any dense model source ``resolve_model`` accepts."""
     from transformers import AutoTokenizer
 

@@ -6,15 +6,12 @@ Only argument handling lives here; every ``NestaError`` becomes one line on stde
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import defaultdict
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "cuda")
-
-from nesta_ray.config import JobConfig, load_config  # noqa: E402
-from nesta_ray.errors import NestaError  # noqa: E402
-from nesta_ray.report import table  # noqa: E402
+from nesta_ray.config import JobConfig, load_config
+from nesta_ray.errors import ConfigError, NestaError
+from nesta_ray.report import table
 
 
 def measure_rates(seconds: float = 0.5) -> dict[str, float]:
@@ -43,9 +40,14 @@ def _hf_config(cfg: JobConfig):
 
     if cfg.model.config_json:
         import json
+        from pathlib import Path
 
-        raw = json.loads(open(cfg.model.config_json).read())
-        return AutoConfig.for_model(raw.pop("model_type"), **raw)
+        try:
+            raw = json.loads(Path(cfg.model.config_json).read_text())
+            return AutoConfig.for_model(raw.pop("model_type"), **raw)
+        except (OSError, KeyError, ValueError) as err:
+            raise ConfigError(f"model.config_json: cannot read a config.json with model_type from "
+                              f"{cfg.model.config_json} ({type(err).__name__}: {err})") from None
     from nesta_ray.sources import resolve_model
 
     return AutoConfig.from_pretrained(resolve_model(cfg.model.source, cfg.model.cache_dir, cfg.model.storage_options))
@@ -57,7 +59,7 @@ def dry_run(cfg: JobConfig) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nesta_ray.pipeline.embedded import build_plan, shard_plan
+    from nesta_ray.pipeline.driver import build_plan, shard_plan
     from nesta_ray.pipeline.plan import Rates, memory_estimate
 
     hf_config = _hf_config(cfg)
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(dry_run(cfg))
             return 0
-        from nesta_ray.pipeline.embedded import run_job
+        from nesta_ray.pipeline.driver import run_job
         from nesta_ray.report import run_markdown
 
         report = run_job(cfg)

@@ -41,7 +41,7 @@ class MethodConfig(_Strict):
     damping: float = Field(1e-6, ge=0.0, le=0.1, description="relative Gram damping λ (λ·mean diag added), in [0, 0.1]")
     alpha: float = Field(0.5, gt=0.0, le=2.0, description="ASVD scaling exponent, in (0, 2]")
     targets: list[str] = Field(default_factory=lambda: list(ALL_TARGETS), min_length=1, description=f"linears to compress, from {ALL_TARGETS}")
-    layers: list[int] | None = Field(None, description="decoder layer indices to compress (default: all)")
+    layers: list[int] | None = Field(None, min_length=1, description="decoder layer indices to compress (default: all)")
     rank_overrides: dict[str, int] = Field(default_factory=dict, description="full module name -> rank (>= 1)")
 
     @model_validator(mode="after")
@@ -49,6 +49,8 @@ class MethodConfig(_Strict):
         unknown = [t for t in self.targets if t not in ALL_TARGETS]
         if unknown:
             raise ValueError(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers lists an index twice: {self.layers}")
         bad = {k: v for k, v in self.rank_overrides.items() if v < 1}
         if bad:
             raise ValueError(f"rank_overrides must be >= 1, got {bad}")
@@ -119,6 +121,8 @@ class RuntimeConfig(_Strict):
                          "embedded loop: calibration in the driver, one Ray task per (layer, input group)")
     threads_per_task: int = Field(1, ge=1, description="torch threads per decomposition task (fixed for reproducibility)")
     progress: bool = Field(True, description="show rich progress bars")
+    fail_at_layer: int | None = Field(None, ge=0, description="testing only: a layer shard exits once just before "
+                                      "staging this layer (fault injection; needs runtime.workers >= 1)")
     device_memory_gb: float | None = Field(None, gt=0, description="memory of one worker's GPU; the plan refuses a job that exceeds it")
     host_memory_gb: float | None = Field(None, gt=0, description="host memory per worker; the plan refuses a job that exceeds it")
     rates: RatesConfig | None = Field(None, description="throughputs for the time estimate (default: measured on this machine)")

@@ -142,15 +142,18 @@ def whiten(G: torch.Tensor, kind: str = "cholesky", damping: float = 1e-6) -> Wh
     G = G.to(torch.float64)
     G = (G + G.T) / 2  # (n, n)
     scale = _gram_scale(G)
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
     if kind == "eigen":
         return _eigen_root(G, damping, scale)
     levels = [damping] + [lam for lam in _ESCALATION if lam > damping]
     for step, lam in enumerate(levels):
-        L, info = torch.linalg.cholesky_ex(G + lam * scale * eye)
+        damped = G.clone()
+        damped.diagonal().add_(lam * scale)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0 and bool(torch.isfinite(L).all()) and bool((torch.diagonal(L) > 0).all()):
             return Whitening("cholesky", damping=lam, escalations=step, S=L)
-    fallback = _eigen_root(G, levels[-1], scale)
+    # Cholesky failed at every level: the eigen root at the requested damping, eigenvalues below the floor clamped.
+    fallback = _eigen_root(G, damping, scale)
     return Whitening(
         "eigen", damping=fallback.damping, escalations=len(levels) - 1, eigen_fallback=True,
         clamped=fallback.clamped, Q=fallback.Q, root=fallback.root,
@@ -159,7 +162,7 @@ def whiten(G: torch.Tensor, kind: str = "cholesky", damping: float = 1e-6) -> Wh
 
 def _eigen_root(G: torch.Tensor, damping: float, scale: float) -> Whitening:
     """Symmetric root S = Q·diag(√(w + λ·scale))·Qᵀ; eigenvalues that stay below the floor are clamped."""
-    w, Q = torch.linalg.eigh(G)  # (n,), (n, n)
+    w, Q = _linalg("eigh", torch.linalg.eigh, G)  # (n,), (n, n)
     floor = max(damping, 1e-12) * scale
     shifted = w + damping * scale
     clamped = int((shifted < floor).sum())
@@ -180,8 +183,16 @@ def diagonal_scaling(abs_mean: torch.Tensor, alpha: float = 0.5, damping: float 
     return Whitening("diagonal", damping=damping, clamped=clamped, root=s)
 
 
+def _linalg(name: str, fn, M: torch.Tensor):
+    """Run a LAPACK routine, turning its failure (e.g. no convergence) into a NumericalError."""
+    try:
+        return fn(M)
+    except torch.linalg.LinAlgError as err:
+        raise NumericalError(f"{name} of a {tuple(M.shape)} matrix failed ({err}); raise method.damping") from None
+
+
 def _svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    U, s, Vh = torch.linalg.svd(M, full_matrices=False)  # (m, r), (r,), (r, n)
+    U, s, Vh = _linalg("svd", lambda x: torch.linalg.svd(x, full_matrices=False), M)  # (m, r), (r,), (r, n)
     return U, s, Vh
 
 
@@ -203,12 +214,14 @@ def _whitened_stage(
 def whitened_loss(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, G: torch.Tensor | None) -> tuple[float, float]:
     """(loss, relative loss) of A·B for W: tr(E·G·Eᵀ) with E = W − A·B, or ‖E‖²_F when G is None."""
     W = W.to(torch.float64)
-    E = W - A.to(torch.float64) @ B.to(torch.float64)  # (m, n)
+    A, B = A.to(torch.float64), B.to(torch.float64)
+    E = W - A @ B  # (m, n)
     if G is None:
         loss, ref = float((E * E).sum()), float((W * W).sum())
     else:
-        G = G.to(torch.float64)
-        loss, ref = float(((E @ G) * E).sum()), float(((W @ G) * W).sum())
+        WG = W @ G.to(torch.float64)  # (m, n), shared by both terms
+        EG = WG - A @ (B @ G.to(torch.float64))  # (m, n) = E·G without a second m·n² product
+        loss, ref = float((EG * E).sum()), float((WG * W).sum())
     return loss, (loss / ref if ref > 0 else 0.0)
 
 

@@ -27,3 +27,7 @@ class CheckpointError(NestaError):
 
 class StorageError(NestaError):
     """Object storage is unreachable, refuses the credentials, or the bucket does not exist."""
+
+
+class PipelineError(NestaError):
+    """A worker failed beyond its restarts; finished layers stay staged, so a rerun resumes."""

@@ -158,8 +158,3 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any])
     """One decoder layer's output hidden states (b, t, d) for input hidden (b, t, d)."""
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
-
-
-def parameter_count(modules: Mapping[str, nn.Module]) -> int:
-    """Number of parameters held by the given modules."""
-    return sum(p.numel() for m in modules.values() for p in m.parameters())

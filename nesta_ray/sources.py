@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -123,7 +124,7 @@ def model_type(folder: str) -> str:
         raise ModelError(f"cannot read model_type from {folder}/config.json: {err}") from None
 
 
-def load_model(folder: str, dtype: torch.dtype = torch.float32):
+def load_model(folder: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) from a local folder, in eval mode; ModelError for unsupported architectures."""
     arch_for(model_type(folder))
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,3 +151,34 @@ def fingerprint_model(folder: str) -> str:
             size = int.from_bytes(f.read(8), "little")
             digest.update(path.name.encode() + str(path.stat().st_size).encode() + f.read(min(size, 100 << 20)))
     return digest.hexdigest()
+
+
+def weight_files(folder: str) -> dict[str, str]:
+    """Tensor name -> safetensors file path of a model folder, from its index (or its single model.safetensors)."""
+    from safetensors import safe_open
+
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: str(Path(folder) / f) for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = Path(folder) / "model.safetensors"
+    if not single.is_file():
+        raise ModelError(f"{folder} holds neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(str(single), "pt") as f:
+        return {k: str(single) for k in f.keys()}
+
+
+def read_tensors(folder: str, prefix: str, files: dict[str, str] | None = None, *,
+                 exclude: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor whose name starts with ``prefix`` (and not with ``exclude``), keyed without the prefix; files
+    are memory-mapped and nothing else is read. ``files`` is ``weight_files(folder)`` when the caller has it."""
+    from safetensors import safe_open
+
+    files = files if files is not None else weight_files(folder)
+    wanted = {k for k in files if k.startswith(prefix) and not (exclude and k.startswith(exclude))}
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted({files[k] for k in wanted}):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                if key in wanted:
+                    out[key[len(prefix):]] = f.get_tensor(key)
+    return out

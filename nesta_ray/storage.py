@@ -269,15 +269,48 @@ class RunWriter:
             self._fs.pipe_file(join(self._path, MANIFEST), _dumps(manifest))
             self._fs.pipe_file(join(self._path, SUCCESS), _dumps(stamp))
             if publish:
-                latest, data = join(self._root, LATEST), f"{self.run_id}\n".encode()
-                if _kind(self._fs) == "local":  # write aside and rename: a crash never leaves a half-written latest
-                    tmp = f"{latest}.tmp-{uuid.uuid4().hex}"
-                    self._fs.pipe_file(tmp, data)
-                    os.replace(tmp, latest)
-                else:  # a single PUT is atomic on object stores
-                    self._fs.pipe_file(latest, data)
+                _put_atomic(self._fs, join(self._root, LATEST), f"{self.run_id}\n".encode())
         self._state = "done"
         return self.run_uri
+
+
+def _put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    if _kind(fs) == "local":  # write aside and rename: a crash never leaves a half-written file
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(tmp, data)
+        os.replace(tmp, path)
+    else:  # a single PUT is atomic on object stores
+        fs.pipe_file(path, data)
+
+
+def put_object(uri: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write one whole file atomically (readers see the old content or the new, never a part). Raises StorageError
+    or CheckpointError."""
+    fs, path = url_to_fs(uri, storage_options)
+    with _guard(uri, storage_options, write=True):
+        _put_atomic(fs, path, bytes(data))
+
+
+def list_names(uri: str, storage_options: dict | None = None) -> list[str]:
+    """Sorted names of the files directly under ``uri``; [] when it does not exist. Raises StorageError."""
+    fs, path = url_to_fs(uri, storage_options)
+    with _guard(uri, storage_options, write=False):
+        fs.invalidate_cache()
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file")
+
+
+def remove_tree(uri: str, storage_options: dict | None = None) -> None:
+    """Delete ``uri`` and everything under it; nothing happens when it does not exist. Raises StorageError."""
+    fs, path = url_to_fs(uri, storage_options)
+    with _guard(uri, storage_options, write=True):
+        fs.invalidate_cache()
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:

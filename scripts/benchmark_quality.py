@@ -22,7 +22,7 @@ import torch
 
 from nesta_ray.decompose import METHODS
 from nesta_ray.models import arch_for, set_submodule
-from nesta_ray.pipeline.embedded import ensure_ray
+from nesta_ray.pipeline.driver import ensure_ray
 from nesta_ray.pipeline.layerwise import MethodArgs, collect_statistics, install_factors, submit_groups
 from nesta_ray.pipeline.plan import make_plan
 from nesta_ray.data import pick_windows, read_text, token_windows

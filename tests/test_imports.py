@@ -8,11 +8,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "nesta_ray"
 # Each module may import only modules listed before it.
 ORDER = ["errors", "decompose", "calibration", "models", "storage", "sources", "data", "checkpoint", "config",
-         "report", "evaluate", "pipeline.tasks", "pipeline.plan", "pipeline.layerwise", "pipeline.shard",
-         "pipeline.sharded", "pipeline.embedded", "compress"]
+         "report", "evaluate", "pipeline.tasks", "pipeline.plan", "pipeline.staging", "pipeline.layerwise",
+         "pipeline.shard", "pipeline.sharded", "pipeline.reducer", "pipeline.driver", "compress"]
 # Third-party packages allowed only in these modules.
-BOUNDARIES = {"ray": {"pipeline.layerwise", "pipeline.sharded", "pipeline.embedded"}, "fsspec": {"storage"},
-              "transformers": {"sources", "checkpoint", "pipeline.shard", "compress"}, "deepspeed": set()}
+BOUNDARIES = {"ray": {"pipeline.layerwise", "pipeline.sharded", "pipeline.driver"}, "fsspec": {"storage"},
+              "transformers": {"sources", "checkpoint", "pipeline.shard", "pipeline.driver", "compress"}, "deepspeed": set()}
 PURE = {"decompose", "calibration"}  # stdlib + torch + errors only
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from nesta_ray.compress import main as compress_main
 from nesta_ray.config import validate
-from nesta_ray.pipeline.embedded import run_job
+from nesta_ray.pipeline.driver import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = str(REPO.parent / "shared" / "corpora" / "en_web_c4_owt.txt")

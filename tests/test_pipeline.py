@@ -79,7 +79,8 @@ def test_factors_are_bit_identical_across_runs(ray_local):
 
 
 @pytest.mark.parametrize("mode", ["original", "propagate"])
-def test_embedded_one_and_two_shards_give_bit_identical_factors(ray_local, tiny3_folder, mode):
+def test_embedded_one_and_two_shards_give_bit_identical_factors(ray_local, tiny3_folder, mode, tmp_path):
+    from nesta_ray.pipeline.shard import StageRef
     from nesta_ray.pipeline.sharded import compress_sharded
     from nesta_ray.sources import load_model
 
@@ -88,13 +89,16 @@ def test_embedded_one_and_two_shards_give_bit_identical_factors(ray_local, tiny3
     ids = torch.randint(0, 2000, (4, 32), generator=torch.Generator().manual_seed(1))
     embedded, _ = compress_layerwise(model, arch_for("llama"), plan, ids, micro_batch=2, mode=mode, args=ARGS)
     for workers in (1, 2):
-        sharded, timings = compress_sharded(tiny3_folder, plan, ids, workers=workers, micro_batch=2, mode=mode,
-                                            args=ARGS, dtype="float32")
+        stage = StageRef(str(tmp_path / f"w{workers}"), "fp")
+        out = compress_sharded(tiny3_folder, plan, ids, workers=workers, micro_batch=2, mode=mode, args=ARGS,
+                               dtype="float32", stage=stage)
+        assert out["computed"] == [0, 1, 2]
+        sharded = {k: v for i in range(3) for k, v in stage.open().get(i).items()}
         assert set(sharded) == set(embedded)
         for name in embedded:
             assert np.array_equal(sharded[name]["A"], embedded[name]["A"]), (workers, name)
             assert np.array_equal(sharded[name]["B"], embedded[name]["B"]), (workers, name)
-        assert timings["max_actor_calibration"] > 0
+        assert out["timings"]["max_actor_calibration"] > 0
 
 
 def test_shard_ranges_are_contiguous_and_balanced():

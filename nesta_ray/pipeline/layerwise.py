@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from nesta_ray.calibration import InputStatistics
+from nesta_ray.errors import NestaError
 from nesta_ray.models import ArchSpec, LowRankLinear, capture_layer_inputs, decoder_layers, group_inputs, run_layer, set_submodule
 from nesta_ray.pipeline.plan import ModulePlan, Plan
+from nesta_ray.pipeline.staging import LayerStage
 from nesta_ray.pipeline.tasks import decompose_group_arrays
 
 
@@ -51,7 +53,7 @@ def submit_groups(model: nn.Module, groups: dict[str, list[ModulePlan]], grams: 
                   abs_means: dict[str, Any], args: MethodArgs) -> list[ray.ObjectRef]:
     """One Ray task per input group of a layer. ``grams``/``abs_means`` map group -> (n, n)/(n,) float64 numpy
     arrays or ObjectRefs of them (so statistics put once can serve many decompositions)."""
-    remote = ray.remote(num_cpus=1)(decompose_group_arrays)
+    remote = ray.remote(num_cpus=args.threads)(decompose_group_arrays)
     refs = []
     for group, plans in groups.items():
         weights = {p.name: model.get_submodule(p.name).weight.detach().float().numpy() for p in plans}
@@ -68,6 +70,16 @@ def statistics_arrays(stats: InputStatistics) -> tuple[dict[str, Any], dict[str,
     return {g: a.gram().numpy() for g, a in accs.items()}, {g: a.abs_mean().numpy() for g, a in accs.items()}
 
 
+def get_results(refs: list[ray.ObjectRef]) -> list:
+    """``ray.get`` that re-raises a nesta_ray error raised inside a task as itself, not wrapped by Ray."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, NestaError):
+            raise err.cause from None
+        raise
+
+
 def install_factors(model: nn.Module, results: dict[str, dict]) -> None:
     """Replace each named linear by a LowRankLinear holding its factors (in the linear's dtype)."""
     for name, r in results.items():
@@ -80,34 +92,48 @@ def install_factors(model: nn.Module, results: dict[str, dict]) -> None:
 
 def compress_layerwise(
     model: nn.Module, spec: ArchSpec, plan: Plan, ids: torch.Tensor, *, micro_batch: int, mode: str,
-    args: MethodArgs, on_layer: Callable[[int], Any] = lambda i: None,
+    args: MethodArgs, stage: LayerStage | None = None, on_layer: Callable[[int], Any] = lambda i: None,
     on_group: Callable[[dict[str, dict]], Any] = lambda r: None,
 ) -> tuple[dict[str, dict], Timings]:
     """Calibrate on token windows ``ids`` (N, L), decompose every planned linear with Ray, install the factors.
 
-    Returns per-linear results (factors and statistics) and timings. Ray must be initialised.
+    With a ``stage``, each finished layer is staged and layers already staged are taken from it instead of being
+    recomputed. Returns per-linear results (factors and statistics) and timings. Ray must be initialised.
     """
     timings = Timings()
     results: dict[str, dict] = {}
     pending: list[ray.ObjectRef] = []
+    done = stage.done() if stage is not None else set()
+    layer_of = {p.name: p.layer for p in plan.modules}
+    unstaged: dict[int, dict[str, dict]] = {}
 
     def collect(refs: list[ray.ObjectRef]) -> None:
         start = time.perf_counter()
-        for group_result in ray.get(refs):
+        for group_result in get_results(refs):
             results.update(group_result)
             install_factors(model, group_result)
             on_group(group_result)
+            for name, r in group_result.items():
+                layer = unstaged.setdefault(layer_of[name], {})
+                layer[name] = r
+                if stage is not None and len(layer) == sum(len(g) for g in plan.for_layer(layer_of[name]).values()):
+                    stage.put(layer_of[name], layer)
         timings.decomposition_wait += time.perf_counter() - start
 
     start = time.perf_counter()
     batches = layer_inputs(model, spec, ids, micro_batch)
     timings.calibration += time.perf_counter() - start
-    planned = set(plan.layers())
     for i, layer in enumerate(decoder_layers(model, spec)):
-        if i > max(planned, default=-1):
+        if i > max(plan.layers(), default=-1):
             break  # nothing left to compress: later layers need no calibration
         start = time.perf_counter()
-        groups = plan.for_layer(i)
+        groups = {} if i in done else plan.for_layer(i)
+        if i in done:
+            staged = stage.get(i)
+            results.update(staged)
+            if mode == "propagate":  # later layers must see this layer compressed
+                install_factors(model, staged)
+            on_group(staged)
         hooked = {g: m for g, m in group_inputs(layer, spec).items() if g in groups}
         with torch.no_grad(), InputStatistics(hooked) as stats:
             outputs = [run_layer(layer, h, kw) for h, kw in batches]
@@ -125,6 +151,8 @@ def compress_layerwise(
         batches = [(out, kw) for out, (_, kw) in zip(outputs, batches)]
         on_layer(i)
     collect(pending)
+    if mode == "original":  # staged layers were kept dense while later layers calibrated
+        install_factors(model, {k: v for k, v in results.items() if layer_of[k] in done})
     return results, timings
 
 

@@ -1,85 +1,80 @@
 """A layer-shard worker: owns a contiguous range of decoder layers, reads only their weights, calibrates them
-layer by layer over every micro-batch, and decomposes them. A plain class; the driver makes it a Ray actor.
+layer by layer over every micro-batch, decomposes them and stages each finished layer. A plain class; the driver
+makes it a Ray actor (restartable: a restarted shard recomputes only the layers that are not staged).
 
 Weights stream from the source's safetensors files (memory-mapped ``safe_open``: only this shard's tensors are
 read). Hidden states arrive as numpy arrays (zero-copy through Ray's object store) with the layer keyword
-arguments the first worker captured.
+arguments the first shard captured.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from nesta_ray.calibration import InputStatistics
 from nesta_ray.models import ArchSpec, arch_for, capture_layer_inputs, decoder_layers, group_inputs, run_layer
 from nesta_ray.pipeline.layerwise import MethodArgs, install_factors
 from nesta_ray.pipeline.plan import Plan
+from nesta_ray.pipeline.staging import LayerStage
 from nesta_ray.pipeline.tasks import decompose_group_arrays
+from nesta_ray.sources import read_tensors, weight_files
 
 Batch = tuple[np.ndarray, dict[str, Any]]  # hidden states (b, t, d) and layer kwargs
 
 
-def _weight_files(folder: str) -> dict[str, str]:
-    """Tensor name -> safetensors file, from the index (or the single model.safetensors)."""
-    index = Path(folder) / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: str(Path(folder) / f) for k, f in json.loads(index.read_text())["weight_map"].items()}
-    single = Path(folder) / "model.safetensors"
-    with safe_open(str(single), "pt") as f:
-        return {k: str(single) for k in f.keys()}
+@dataclass(frozen=True)
+class StageRef:
+    """Where a shard stages its layers (plain values, so the shard can be constructed in any process)."""
 
+    root_uri: str
+    fingerprint: str
+    storage_options: dict | None = None
 
-def read_tensors(folder: str, prefix: str) -> dict[str, torch.Tensor]:
-    """Every tensor whose name starts with ``prefix``, keyed without it; nothing else is read."""
-    files = _weight_files(folder)
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted({f for k, f in files.items() if k.startswith(prefix)}):
-        with safe_open(path, "pt") as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    out[key[len(prefix):]] = f.get_tensor(key)
-    return out
+    def open(self) -> LayerStage:
+        return LayerStage(self.root_uri, self.fingerprint, self.storage_options)
 
 
 class LayerShard:
-    """Decoder layers ``layers`` of the model in ``folder``; the first shard also embeds the token ids."""
+    """Decoder layers ``layers`` of the model in ``folder``; the first shard also embeds the token ids.
 
-    def __init__(self, folder: str, layers: list[int], plan: Plan, *, first: bool, dtype: str,
-                 args: MethodArgs, mode: str) -> None:
+    ``fail_at_layer`` (fault injection for tests) makes the process exit once, just before staging that layer.
+    """
+
+    def __init__(self, folder: str, layers: list[int], plan: Plan, *, first: bool, dtype: str, args: MethodArgs,
+                 mode: str, stage: StageRef, fail_at_layer: int | None = None) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         start = time.perf_counter()
         torch.set_num_threads(args.threads)
-        self.args, self.mode, self.layers = args, mode, layers
-        self.plan = plan  # the planned linears of this shard's layers
+        self.args, self.mode, self.layers, self.plan = args, mode, layers, plan
+        self.stage, self.fail_at_layer = stage.open(), fail_at_layer
         config = AutoConfig.from_pretrained(folder)
         self.spec: ArchSpec = arch_for(config.model_type)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-        backbone = self.model.get_submodule(self.spec.layers.rsplit(".", 1)[0])
-        self._load(folder, self.spec.layers, layers)
-        if first:
-            self._materialise(folder, backbone.embed_tokens, f"{self.spec.layers.rsplit('.', 1)[0]}.embed_tokens.")
-            backbone.rotary_emb = type(backbone.rotary_emb)(config=config)  # buffers computed, not stored
-        self.stats: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        self.results: dict[str, dict] = {}
-        self.seconds = {"load": time.perf_counter() - start, "calibration": 0.0, "decomposition": 0.0}
-
-    def _materialise(self, folder: str, module: torch.nn.Module, prefix: str) -> None:
-        module.to_empty(device="cpu")
-        module.load_state_dict(read_tensors(folder, prefix), strict=True)
-
-    def _load(self, folder: str, layers_path: str, layers: list[int]) -> None:
+        files = weight_files(folder)
+        backbone_path = self.spec.layers.rsplit(".", 1)[0]
         all_layers = decoder_layers(self.model, self.spec)
         for i in layers:
-            self._materialise(folder, all_layers[i], f"{layers_path}.{i}.")
+            self._materialise(folder, files, all_layers[i], f"{self.spec.layers}.{i}.")
+        if first:
+            backbone = self.model.get_submodule(backbone_path)
+            self._materialise(folder, files, backbone.embed_tokens, f"{backbone_path}.embed_tokens.")
+            backbone.rotary_emb = type(backbone.rotary_emb)(config=config)  # its buffers are computed, not stored
+        self.stats: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.seconds = {"load": time.perf_counter() - start, "calibration": 0.0, "decomposition": 0.0}
+        self.computed: list[int] = []
+
+    @staticmethod
+    def _materialise(folder: str, files: dict[str, str], module: torch.nn.Module, prefix: str) -> None:
+        module.to_empty(device="cpu")
+        module.load_state_dict(read_tensors(folder, prefix, files), strict=True)
 
     def embed(self, ids: np.ndarray, micro_batch: int) -> list[Batch]:
         """Token windows (N, L) -> per micro-batch (hidden states entering layer 0, layer kwargs)."""
@@ -91,24 +86,27 @@ class LayerShard:
         return out
 
     def calibrate(self, batches: list[Batch]) -> list[Batch]:
-        """Run every micro-batch through this shard's layers, one layer at a time, gathering input statistics.
-
-        In ``propagate`` mode each layer is decomposed and replaced before its outputs are computed.
-        Returns the outputs of the shard's last layer, for the next shard.
-        """
+        """Run every micro-batch through this shard's layers, one layer at a time, gathering the input statistics
+        of layers not yet staged. In ``propagate`` mode each layer is compressed (or its staged factors installed)
+        before its outputs are computed. Returns the outputs of the shard's last layer, for the next shard."""
         start = time.perf_counter()
         hidden = [torch.from_numpy(h.copy()) for h, _ in batches]
         kwargs = [kw for _, kw in batches]
         layers = decoder_layers(self.model, self.spec)
+        done = self.stage.done()
         for i in self.layers:
             groups = self.plan.for_layer(i)
-            with torch.no_grad(), InputStatistics({g: m for g, m in group_inputs(layers[i], self.spec).items()
-                                                  if g in groups}) as stats:
+            hooked = {} if i in done else {g: m for g, m in group_inputs(layers[i], self.spec).items() if g in groups}
+            with torch.no_grad(), InputStatistics(hooked) as stats:
                 outputs = [run_layer(layers[i], h, kw) for h, kw in zip(hidden, kwargs)]
-            self.stats[i] = {g: (a.gram().numpy(), a.abs_mean().numpy()) for g, a in stats.accumulators.items()}
-            if self.mode == "propagate":
+            if hooked:
+                self.stats[i] = {g: (a.gram().numpy(), a.abs_mean().numpy()) for g, a in stats.accumulators.items()}
+            if self.mode == "propagate" and groups:
                 self.seconds["calibration"] += time.perf_counter() - start
-                self._decompose_layer(i)
+                if i in done:
+                    install_factors(self.model, self.stage.get(i))
+                else:
+                    self._decompose_layer(i)
                 start = time.perf_counter()
                 with torch.no_grad():
                     outputs = [run_layer(layers[i], h, kw) for h, kw in zip(hidden, kwargs)]
@@ -118,22 +116,28 @@ class LayerShard:
 
     def _decompose_layer(self, i: int) -> None:
         start = time.perf_counter()
+        a, layer_results = self.args, {}
         for group, plans in self.plan.for_layer(i).items():
             gram, abs_mean = self.stats[i].pop(group)
             weights = {p.name: self.model.get_submodule(p.name).weight.detach().float().numpy() for p in plans}
-            a = self.args
-            res = decompose_group_arrays(weights, {p.name: p.rank for p in plans}, a.method, gram, abs_mean,
-                                         a.k1_fraction, a.damping, a.alpha, a.threads)
-            install_factors(self.model, res)
-            self.results.update(res)
+            layer_results.update(decompose_group_arrays(weights, {p.name: p.rank for p in plans}, a.method, gram,
+                                                        abs_mean, a.k1_fraction, a.damping, a.alpha, a.threads))
+        del self.stats[i]
+        install_factors(self.model, layer_results)
+        if self.fail_at_layer == i and self.stage.mark(f"fault-injected-{i}"):
+            os._exit(1)  # simulate a worker dying mid-layer: nothing of this layer is staged
+        self.stage.put(i, layer_results)
+        self.computed.append(i)
         self.seconds["decomposition"] += time.perf_counter() - start
 
-    def decompose(self) -> dict[str, dict]:
-        """Decompose every layer whose statistics are gathered (original mode); returns all results so far."""
-        for i in self.layers:
-            if self.stats.get(i):
+    def decompose(self, batches: list[Batch]) -> dict[str, Any]:
+        """Decompose and stage every planned layer not staged yet. ``batches`` are this shard's inputs: a
+        restarted shard has lost its statistics and calibrates again before decomposing. Returns the layers
+        computed here and the phase seconds."""
+        missing = [i for i in self.layers if self.plan.for_layer(i) and i not in self.stage.done()]
+        if any(i not in self.stats for i in missing):
+            self.calibrate(batches)
+        for i in missing:
+            if i in self.stats:
                 self._decompose_layer(i)
-        return self.results
-
-    def timings(self) -> dict[str, float]:
-        return dict(self.seconds)
+        return {"computed": list(self.computed), "seconds": dict(self.seconds)}

@@ -1,8 +1,9 @@
 """Layer-sharded calibration and decomposition: N Ray actors, each owning a contiguous range of decoder layers.
 
 Hidden states flow from shard to shard through Ray's object store; shard i decomposes its layers while shard
-i+1 calibrates (original mode). Actors are gang-scheduled with a placement group (one GPU each where there are
-GPUs, one CPU otherwise).
+i+1 calibrates (original mode). Actors are gang-scheduled with a placement group (``threads_per_task`` CPUs each;
+GPU placement is not implemented yet) and restarted by Ray if their process dies; finished layers are staged, so
+a restarted shard, or a rerun of the whole job, recomputes only what is missing.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from nesta_ray.errors import ConfigError, NestaError, PipelineError
 from nesta_ray.pipeline.layerwise import MethodArgs
 from nesta_ray.pipeline.plan import Plan
-from nesta_ray.pipeline.shard import LayerShard
+from nesta_ray.pipeline.shard import LayerShard, StageRef
+
+MAX_RESTARTS = 2
+PLACEMENT_TIMEOUT_S = 60
 
 
 def shard_ranges(num_layers: int, workers: int) -> list[list[int]]:
@@ -28,40 +33,51 @@ def shard_ranges(num_layers: int, workers: int) -> list[list[int]]:
 
 
 def compress_sharded(folder: str, plan: Plan, ids: torch.Tensor, *, workers: int, micro_batch: int, mode: str,
-                     args: MethodArgs, dtype: str) -> tuple[dict[str, dict], dict[str, float]]:
-    """Calibrate and decompose every planned linear of the model in ``folder`` with ``workers`` layer shards.
+                     args: MethodArgs, dtype: str, stage: StageRef, fail_at_layer: int | None = None) -> dict:
+    """Calibrate, decompose and stage every planned linear of the model in ``folder`` with ``workers`` shards.
 
-    Returns per-linear results (factors and statistics, as from the embedded loop) and wall-clock phase times.
+    Returns {"computed": layers decomposed in this call, "timings": phase seconds}. The factors are in the stage.
     """
     start = time.perf_counter()
     ranges = shard_ranges(max(plan.layers()) + 1, workers)
-    use_gpu = bool(ray.cluster_resources().get("GPU"))
-    bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-    group = placement_group([bundle] * workers, strategy="PACK")
-    ray.get(group.ready())
+    # Shards compute on the CPU for now (no device placement yet), so they reserve CPUs, not GPUs.
+    group = placement_group([{"CPU": args.threads}] * workers, strategy="PACK")
     remote = ray.remote(LayerShard)
+    resources = dict(num_cpus=args.threads, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
     try:
+        try:
+            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise ConfigError(f"runtime.workers: the cluster cannot place {workers} shards of {args.threads} CPU(s) "
+                              f"within {PLACEMENT_TIMEOUT_S} s ({ray.cluster_resources().get('CPU', 0):.0f} CPUs in "
+                              "all); lower runtime.workers or runtime.threads_per_task") from None
         actors = [
-            remote.options(num_cpus=1, num_gpus=1 if use_gpu else 0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            remote.options(**resources, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=k)).remote(
                 folder, layers, Plan([p for p in plan.modules if p.layer in layers], plan.model_params),
-                first=k == 0, dtype=dtype,
-                args=args, mode=mode)
+                first=k == 0, dtype=dtype, args=args, mode=mode, stage=stage, fail_at_layer=fail_at_layer)
             for k, layers in enumerate(ranges)
         ]
         batches = actors[0].embed.remote(ids.numpy(), micro_batch)
-        decompositions = []
+        summaries = []
         for actor in actors:
-            batches = actor.calibrate.remote(batches)
-            decompositions.append(actor.decompose.remote())
-        results: dict[str, dict] = {}
-        for part in ray.get(decompositions):
-            results.update(part)
-        per_actor = ray.get([a.timings.remote() for a in actors])
+            inputs, batches = batches, actor.calibrate.remote(batches)
+            summaries.append(actor.decompose.remote(inputs))
+        try:
+            summaries = ray.get(summaries)
+        except ray.exceptions.RayError as err:
+            if isinstance(getattr(err, "cause", None), NestaError):
+                raise err.cause from None  # a user-facing error inside a shard: rerunning would not help
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PipelineError(f"a layer shard failed after {MAX_RESTARTS} restarts ({type(err).__name__}: "
+                                f"{first}); finished layers are staged under {stage.root_uri}/staging, "
+                                "rerun the job to resume") from None
+        for actor in actors:
+            ray.kill(actor)
     finally:
         remove_placement_group(group)
     timings = {"sharded_total": time.perf_counter() - start}
     for key in ("load", "calibration", "decomposition"):
-        timings[f"max_actor_{key}"] = max(t[key] for t in per_actor)
-        timings[f"sum_actor_{key}"] = sum(t[key] for t in per_actor)
-    return results, timings
+        timings[f"max_actor_{key}"] = max(s["seconds"][key] for s in summaries)
+        timings[f"sum_actor_{key}"] = sum(s["seconds"][key] for s in summaries)
+    return {"computed": sorted(i for s in summaries for i in s["computed"]), "timings": timings}

@@ -1,7 +1,8 @@
-"""The embedded job: one process calibrates layer by layer, Ray tasks decompose, the result is committed as a run.
+"""The job driver: plan, calibrate + decompose (embedded loop or layer-shard actors), evaluate, write, commit.
 
-Order of work: resolve the model and check the output storage (before any compute), load, plan, read text,
-evaluate dense, calibrate + decompose, evaluate compressed, write shards/metadata/report, commit, publish.
+Order of work: resolve the model and check the output storage (before any compute), plan on the meta device,
+refuse a job that cannot fit, read text, evaluate dense, calibrate + decompose (staging each finished layer),
+evaluate compressed, assemble the checkpoint from the source and the stage, commit, publish.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -18,17 +20,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nesta_ray import __version__
-from nesta_ray.checkpoint import dense_copy, write_model
+from nesta_ray.checkpoint import FORMAT, FORMAT_VERSION, NESTA_JSON, dense_copy
 from nesta_ray.config import JobConfig, TextSource
 from nesta_ray.data import fingerprint_tokens, pick_windows, read_dataset, read_text, token_windows
 from nesta_ray.errors import ConfigError
 from nesta_ray.evaluate import generate, perplexity
-from nesta_ray.models import arch_for
+from nesta_ray.models import LowRankLinear, arch_for
 from nesta_ray.pipeline.layerwise import MethodArgs, compress_layerwise, install_factors
+from nesta_ray.pipeline.reducer import tied_aliases, write_from_stage
 from nesta_ray.pipeline.plan import ModelShape, Plan, Rates, check_fit, make_plan, shard_report
+from nesta_ray.pipeline.shard import StageRef
 from nesta_ray.pipeline.sharded import compress_sharded, shard_ranges
+from nesta_ray.pipeline.staging import LayerStage, job_fingerprint
 from nesta_ray.report import json_safe, run_markdown
-from nesta_ray.sources import fingerprint_model, load_model, resolve_model
+from nesta_ray.sources import fingerprint_model, load_model, model_files, resolve_model
 from nesta_ray.storage import RunWriter, check_storage
 
 
@@ -118,59 +123,87 @@ def _evaluate(model: torch.nn.Module, sets: dict[str, torch.Tensor], progress: P
 
 
 def run_job(cfg: JobConfig) -> dict:
-    """Run the whole embedded job for a validated config; returns the run report (also written with the run)."""
+    """Run a whole job for a validated config; returns the run report (also written with the run).
+
+    Both paths stage each finished layer under ``<output>/staging/<job fingerprint>`` and the reducer writes the
+    checkpoint from the source and the stage, so a rerun of the same job resumes where the last one stopped.
+    The driver loads the whole model only for the embedded path, evaluation or a dense export.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     folder = resolve_model(cfg.model.source, cfg.model.cache_dir, cfg.model.storage_options)
     check_storage(cfg.output.uri, cfg.output.storage_options, write=True)
-    model, tokenizer = load_model(folder, getattr(torch, cfg.model.dtype))
-    timings["load"] = time.perf_counter() - t_start
-    spec = arch_for(model.config.model_type)
-    plan = build_plan(model, cfg)
+    hf_config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    spec, plan = arch_for(hf_config.model_type), build_plan(skeleton, cfg)
     if cfg.runtime.workers:
-        shard_plan(cfg, plan, model.config)  # refuses a job that cannot fit, before any work
+        shard_plan(cfg, plan, hf_config)  # refuses a job that cannot fit, before any work
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     texts = TextCache(tokenizer)
     calib, evals = calibration_ids(cfg, texts), evaluation_ids(cfg, texts)
-    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + cfg.fingerprint()[:8]
+    model_fp = fingerprint_model(folder)
+    stage = LayerStage(cfg.output.uri, job_fingerprint(cfg.fingerprint(), model_fp, fingerprint_tokens(calib)),
+                       cfg.output.storage_options)
+    staged_before = sorted(stage.done() & set(plan.layers()))
+    need_model = not cfg.runtime.workers or bool(evals) or cfg.output.export_dense
+    model = load_model(folder, getattr(torch, cfg.model.dtype))[0] if need_model else None
+    timings["load"] = time.perf_counter() - t_start
     ensure_ray(cfg.runtime.ray_address, cfg.runtime.num_cpus)
     m = cfg.method
     args = MethodArgs(m.name, m.k1_fraction, m.damping, m.alpha, cfg.runtime.threads_per_task)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint()[:8]}-{uuid.uuid4().hex[:6]}"
     report: dict = {"run_id": run_id, "perplexity": {}}
     with _progress(cfg.runtime.progress) as progress:
         t = time.perf_counter()
-        dense = _evaluate(model, evals, progress, "dense") if cfg.evaluation.dense else {}
+        dense = _evaluate(model, evals, progress, "dense") if model is not None and cfg.evaluation.dense else {}
         timings["evaluate_dense"] = time.perf_counter() - t
         t = time.perf_counter()
-        if cfg.runtime.workers:
+        computed = sorted(set(plan.layers()) - set(staged_before))
+        if len(staged_before) == len(plan.layers()):
+            progress.add_task(f"all {len(staged_before)} layers already staged", total=None)
+        elif cfg.runtime.workers:
             progress.add_task(f"calibrate + decompose on {cfg.runtime.workers} layer shards", total=None)
-            results, shard_times = compress_sharded(
-                folder, plan, calib, workers=cfg.runtime.workers, micro_batch=cfg.calibration.micro_batch,
-                mode=cfg.calibration.mode, args=args, dtype=cfg.model.dtype)
-            install_factors(model, results)
-            timings.update(shard_times)
+            out = compress_sharded(folder, plan, calib, workers=cfg.runtime.workers,
+                                   micro_batch=cfg.calibration.micro_batch, mode=cfg.calibration.mode, args=args,
+                                   dtype=cfg.model.dtype, stage=StageRef(cfg.output.uri, stage.uri.rsplit("/", 1)[-1],
+                                                                         cfg.output.storage_options),
+                                   fail_at_layer=cfg.runtime.fail_at_layer)
+            timings.update(out["timings"])
+            computed = out["computed"]  # fewer than planned when a restarted shard found layers staged
         else:
             layers_task = progress.add_task("calibrate layers", total=max(plan.layers()) + 1)
             linears_task = progress.add_task("decompose linears", total=len(plan.modules))
-            results, lw = compress_layerwise(
+            _, lw = compress_layerwise(
                 model, spec, plan, calib, micro_batch=cfg.calibration.micro_batch, mode=cfg.calibration.mode,
-                args=args, on_layer=lambda i: progress.advance(layers_task),
+                args=args, stage=stage, on_layer=lambda i: progress.advance(layers_task),
                 on_group=lambda r: progress.advance(linears_task, len(r)),
             )
-            timings["calibration"] = lw.calibration
-            timings["decomposition_wait"] = lw.decomposition_wait
+            timings["calibration"], timings["decomposition_wait"] = lw.calibration, lw.decomposition_wait
         timings["compress_total"] = time.perf_counter() - t
+        if model is not None and not any(isinstance(mod, LowRankLinear) for mod in model.modules()):
+            for i in plan.layers():
+                install_factors(model, stage.get(i))
         t = time.perf_counter()
-        compressed = _evaluate(model, evals, progress, "compressed")
-        if cfg.evaluation.prompt:
+        compressed = _evaluate(model, evals, progress, "compressed") if model is not None else {}
+        if model is not None and cfg.evaluation.prompt:
             report["generation"] = {"prompt": cfg.evaluation.prompt, "compressed": generate(
                 model, tokenizer, cfg.evaluation.prompt, cfg.evaluation.max_new_tokens)}
         timings["evaluate_compressed"] = time.perf_counter() - t
         report["perplexity"] = {k: {"dense": dense.get(k), "compressed": v} for k, v in compressed.items()}
-        report.update(_summary(cfg, plan, results, model, folder, calib))
         t = time.perf_counter()
         write_task = progress.add_task("write checkpoint", total=1)
         writer = RunWriter(cfg.output.uri, run_id, cfg.output.storage_options)
-        write_model(writer, model, folder, _nesta_meta(cfg, report), cfg.output.shard_bytes)
+        stats = write_from_stage(writer, folder, plan, stage, spec, hf_config.num_hidden_layers,
+                                 cfg.output.shard_bytes)
+        for path in model_files(folder):
+            writer.put_file(os.path.basename(path), path)
+        report.update(_summary(cfg, plan, stats, skeleton, model_fp, calib))
+        report["resume"] = {"layers": len(plan.layers()), "staged_before": staged_before,
+                            "computed": computed, "stage": stage.uri}
+        writer.put_json(NESTA_JSON, _nesta_meta(cfg, report, tied_aliases(skeleton)))
         if cfg.output.export_dense:
             _put_dense(writer, model, tokenizer)
         timings["write"] = time.perf_counter() - t
@@ -180,15 +213,16 @@ def run_job(cfg: JobConfig) -> dict:
         writer.put_json("report.json", json_safe(report))
         writer.put_bytes("report.md", run_markdown(report).encode())
         writer.commit(publish=True)
+        stage.clear()  # its factors now live in the committed run
         progress.advance(write_task)
     return report
 
 
-def _summary(cfg: JobConfig, plan: Plan, results: dict[str, dict], model: torch.nn.Module, folder: str,
+def _summary(cfg: JobConfig, plan: Plan, stats: dict[str, dict], skeleton: torch.nn.Module, model_fp: str,
              calib: torch.Tensor) -> dict:
     modules = {}
     for p in plan.modules:
-        r = results[p.name]
+        r = stats[p.name]
         modules[p.name] = {"rank": p.rank, "k1": r["k1"], "k2": r["k2"], "shape": [p.m, p.n], "loss": r["loss"],
                            "relative_loss": r["relative_loss"], "fallbacks": r["fallbacks"],
                            "seconds": round(r["seconds"], 4)}
@@ -196,26 +230,26 @@ def _summary(cfg: JobConfig, plan: Plan, results: dict[str, dict], model: torch.
     for mod in modules.values():
         for k, v in mod["fallbacks"].items():
             fallbacks[k] = fallbacks.get(k, 0) + v
-    model_after = sum(t.numel() for t in {id(p): p for p in model.parameters()}.values())
     return {
-        "model": {"source": cfg.model.source, "model_type": model.config.model_type,
-                  "fingerprint": fingerprint_model(folder)},
+        "model": {"source": cfg.model.source, "model_type": skeleton.config.model_type, "fingerprint": model_fp},
         "method": cfg.method.model_dump(),
         "calibration": {**cfg.calibration.model_dump(), "tokens": calib.numel(), "fingerprint": fingerprint_tokens(calib)},
         "parameters": {"linears_before": plan.params_before, "linears_after": plan.params_after,
-                       "model_before": plan.model_params, "model_after": model_after},
+                       "model_before": plan.model_params,
+                       "model_after": plan.model_params - plan.params_before + plan.params_after},
         "modules": modules,
         "fallbacks": fallbacks,
         "config_fingerprint": cfg.fingerprint(),
     }
 
 
-def _nesta_meta(cfg: JobConfig, report: dict) -> dict:
+def _nesta_meta(cfg: JobConfig, report: dict, tied: dict[str, str]) -> dict:
     return {
-        "nesta_ray_version": __version__, "run_id": report["run_id"], "dtype": cfg.model.dtype,
-        "method": cfg.method.name, "ratio": cfg.method.ratio, "k1_fraction": cfg.method.k1_fraction,
-        "damping": cfg.method.damping, "alpha": cfg.method.alpha, "modules": report["modules"],
-        "fallbacks": report["fallbacks"], "parameters": report["parameters"],
+        "format": FORMAT, "format_version": FORMAT_VERSION, "nesta_ray_version": __version__,
+        "run_id": report["run_id"], "dtype": cfg.model.dtype, "method": cfg.method.name, "ratio": cfg.method.ratio,
+        "k1_fraction": cfg.method.k1_fraction, "damping": cfg.method.damping, "alpha": cfg.method.alpha,
+        "modules": report["modules"], "fallbacks": report["fallbacks"], "parameters": report["parameters"],
+        "tied": tied,
         "fingerprints": {"model": report["model"]["fingerprint"], "calibration": report["calibration"]["fingerprint"],
                          "config": report["config_fingerprint"]},
     }
