@@ -27,11 +27,12 @@ def code_version() -> str:
     the math never reuses factors staged by older code."""
     from pathlib import Path
 
-    from nesta_ray import calibration, decompose
-    from nesta_ray.pipeline import tasks
+    import nesta_ray.calibration
+    import nesta_ray.decompose
+    import nesta_ray.pipeline.tasks
 
     digest = hashlib.sha256(__version__.encode())
-    for module in (decompose, calibration, tasks):
+    for module in (nesta_ray.decompose, nesta_ray.calibration, nesta_ray.pipeline.tasks):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
