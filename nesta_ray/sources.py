@@ -99,8 +99,9 @@ def convert_gguf(gguf_path: str, cache_dir: str) -> str:
 
 
 def _copy_remote(uri: str, cache_dir: str, storage_options: dict | None) -> str:
-    from nesta_ray.storage import url_to_fs
+    from nesta_ray.storage import check_storage, url_to_fs
 
+    check_storage(uri, storage_options, write=False)  # a one-line StorageError for bucket, credentials, endpoint
     target = Path(cache_dir) / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if (target / ".complete").is_file():
         return str(target)

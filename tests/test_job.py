@@ -90,3 +90,38 @@ def test_a_model_folder_on_s3_is_fetched_once_and_loads(tiny3_folder, s3_server,
     model, tok = load_model(local)
     assert model.config.num_hidden_layers == 3 and tok("hi").input_ids
     assert resolve_model("s3://models/tiny3", str(tmp_path / "cache"), s3_server.storage_options) == local
+
+
+@pytest.mark.slow
+def test_llama70b_structural_twin_through_s3(ray_local, smollm_folder, s3_server, tmp_path, monkeypatch):
+    """The 70B config's code path on an 80-layer, GQA 8:1, untied twin: sharded source and output on S3."""
+    import fsspec
+    import torch
+
+    import nesta_ray
+    from tiny import save_llama70b_twin
+
+    monkeypatch.setenv("NESTA_RAY_CACHE", str(tmp_path / "cache"))
+    local = save_llama70b_twin(tmp_path / "twin", smollm_folder)
+    for bucket in ("twin-models", "twin-out"):
+        s3_server.make_bucket(bucket)
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    fs.put(local + "/", "twin-models/llama70b-twin/", recursive=True)
+    assert len([f for f in fs.ls("twin-models/llama70b-twin") if f.endswith(".safetensors")]) > 1  # sharded source
+    opts = s3_server.storage_options
+    cfg = validate({
+        "model": {"source": "s3://twin-models/llama70b-twin", "storage_options": opts},
+        "method": {"name": "nsvd1", "ratio": 0.2},
+        "calibration": {"path": CORPUS, "seq_len": 64, "num_windows": 100, "num_sequences": 4, "micro_batch": 2},
+        "evaluation": {"dense": False, "sets": []},
+        "output": {"uri": "s3://twin-out/llama70b-twin", "storage_options": opts},
+        "runtime": {"workers": 2, "progress": False},
+    })
+    report = run_job(cfg)
+    assert len(report["modules"]) == 560 and report["resume"]["computed"] == list(range(80))
+    model = nesta_ray.load_compressed("s3://twin-out/llama70b-twin", opts)
+    k = model.get_submodule("model.layers.79.self_attn.k_proj")
+    assert (k.out_features, k.in_features) == (8, 64) and k.rank == 5  # GQA: 1 KV head of 8 dims
+    ids = torch.randint(0, 49152, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
