@@ -10,6 +10,7 @@ arguments the first shard captured.
 from __future__ import annotations
 
 import os
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,7 @@ class LayerShard:
         self.stats: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.seconds = {"load": time.perf_counter() - start, "calibration": 0.0, "decomposition": 0.0}
         self.computed: list[int] = []
+        self.task_seconds: list[float] = []  # per linear, as measured inside the decomposition
 
     @staticmethod
     def _materialise(folder: str, files: dict[str, str], module: torch.nn.Module, prefix: str) -> None:
@@ -120,8 +122,10 @@ class LayerShard:
         for group, plans in self.plan.for_layer(i).items():
             gram, abs_mean = self.stats[i].pop(group)
             weights = {p.name: self.model.get_submodule(p.name).weight.detach().float().numpy() for p in plans}
-            layer_results.update(decompose_group_arrays(weights, {p.name: p.rank for p in plans}, a.method, gram,
-                                                        abs_mean, a.k1_fraction, a.damping, a.alpha, a.threads))
+            group = decompose_group_arrays(weights, {p.name: p.rank for p in plans}, a.method, gram, abs_mean,
+                                           a.k1_fraction, a.damping, a.alpha, a.threads)
+            self.task_seconds += [r["seconds"] for r in group.values()]
+            layer_results.update(group)
         del self.stats[i]
         install_factors(self.model, layer_results)
         if self.fail_at_layer == i and self.stage.mark(f"fault-injected-{i}"):
@@ -140,4 +144,6 @@ class LayerShard:
         for i in missing:
             if i in self.stats:
                 self._decompose_layer(i)
-        return {"computed": list(self.computed), "seconds": dict(self.seconds)}
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+        return {"computed": list(self.computed), "seconds": dict(self.seconds), "peak_rss_bytes": peak_kib * 1024,
+                "decompose_seconds": sum(self.task_seconds)}

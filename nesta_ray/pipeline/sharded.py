@@ -80,4 +80,6 @@ def compress_sharded(folder: str, plan: Plan, ids: torch.Tensor, *, workers: int
     for key in ("load", "calibration", "decomposition"):
         timings[f"max_actor_{key}"] = max(s["seconds"][key] for s in summaries)
         timings[f"sum_actor_{key}"] = sum(s["seconds"][key] for s in summaries)
-    return {"computed": sorted(i for s in summaries for i in s["computed"]), "timings": timings}
+    return {"computed": sorted(i for s in summaries for i in s["computed"]), "timings": timings,
+            "actors": [{"layers": r, "peak_rss_bytes": s["peak_rss_bytes"], "seconds": s["seconds"],
+                        "decompose_seconds": s["decompose_seconds"]} for r, s in zip(ranges, summaries)]}
