@@ -225,6 +225,21 @@ def whitened_loss(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, G: torch.Te
     return loss, (loss / ref if ref > 0 else 0.0)
 
 
+def scaling_for(method: str, gram: torch.Tensor | None, abs_mean: torch.Tensor | None, alpha: float,
+                damping: float) -> Whitening | None:
+    """The input scaling a method needs: none for svd, ASVD's diagonal for asvd0, else the whitening of G.
+    Raises ValueError when the statistic the method needs is missing."""
+    if method == "asvd0":
+        if abs_mean is None:
+            raise ValueError("method asvd0 needs the activation abs-mean statistics")
+        return diagonal_scaling(abs_mean, alpha, damping)
+    if method in WHITENING_OF:
+        if gram is None:
+            raise ValueError(f"method {method} needs the Gram matrix of the layer inputs")
+        return whiten(gram, WHITENING_OF[method], damping)
+    return None
+
+
 def decompose(
     W: torch.Tensor,
     method: str,
@@ -252,15 +267,7 @@ def decompose(
         raise ValueError(f"rank {rank} out of range [1, {min(m, n)}] for a {m}x{n} weight")
     _check_finite("weight", W)
     W64 = W.detach().to(torch.float64)
-    wh = whitening
-    if wh is None and method == "asvd0":
-        if abs_mean is None:
-            raise ValueError("method asvd0 needs the activation abs-mean statistics")
-        wh = diagonal_scaling(abs_mean, alpha, damping)
-    elif wh is None and method in WHITENING_OF:
-        if gram is None:
-            raise ValueError(f"method {method} needs the Gram matrix of the layer inputs")
-        wh = whiten(gram, WHITENING_OF[method], damping)
+    wh = whitening if whitening is not None else scaling_for(method, gram, abs_mean, alpha, damping)
 
     k1, k2 = split_rank(rank, k1_fraction) if method.startswith("nsvd") else (rank, 0)
     if method == "svd":
@@ -298,11 +305,7 @@ def decompose_group(
 
     ``weights`` maps names to (m_i, n) weights; ``ranks`` gives each one's rank. Errors as in ``decompose``.
     """
-    wh: Whitening | None = None
-    if method == "asvd0" and abs_mean is not None:
-        wh = diagonal_scaling(abs_mean, alpha, damping)
-    elif method in WHITENING_OF and gram is not None:
-        wh = whiten(gram, WHITENING_OF[method], damping)
+    wh = scaling_for(method, gram, abs_mean, alpha, damping)
     return {
         name: decompose(
             W, method, ranks[name], gram=gram, abs_mean=abs_mean, k1_fraction=k1_fraction, damping=damping,

@@ -8,7 +8,6 @@ import torch
 from nesta_ray.decompose import (
     METHODS,
     decompose,
-    decompose_group,
     rank_for_ratio,
     split_rank,
     whiten,

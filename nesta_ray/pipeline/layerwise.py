@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 import ray
 import torch
@@ -49,6 +51,25 @@ def layer_inputs(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, micro_batc
         return [capture_layer_inputs(model, spec, ids[i : i + micro_batch]) for i in range(0, ids.shape[0], micro_batch)]
 
 
+def group_weights(model: nn.Module, plans: list[ModulePlan]) -> dict[str, np.ndarray]:
+    """The float32 weights (out, in) of the given linears, as numpy arrays for a decomposition task."""
+    return {p.name: model.get_submodule(p.name).weight.detach().float().numpy() for p in plans}
+
+
+def run_with_statistics(layer: nn.Module, spec: ArchSpec, groups: Mapping[str, Any],
+                        batches: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], dict, dict]:
+    """Run every micro-batch through ``layer`` with hooks on the input groups named in ``groups``.
+
+    Returns the outputs (one (b, t, d) tensor per micro-batch) and, per hooked group, the normalised Gram (n, n)
+    and abs-mean (n,) as float64 numpy arrays.
+    """
+    hooked = {g: m for g, m in group_inputs(layer, spec).items() if g in groups}
+    with torch.no_grad(), InputStatistics(hooked) as stats:
+        outputs = [run_layer(layer, h, kw) for h, kw in batches]
+    accs = stats.accumulators
+    return outputs, {g: a.gram().numpy() for g, a in accs.items()}, {g: a.abs_mean().numpy() for g, a in accs.items()}
+
+
 def submit_groups(model: nn.Module, groups: dict[str, list[ModulePlan]], grams: dict[str, Any],
                   abs_means: dict[str, Any], args: MethodArgs) -> list[ray.ObjectRef]:
     """One Ray task per input group of a layer. ``grams``/``abs_means`` map group -> (n, n)/(n,) float64 numpy
@@ -56,18 +77,12 @@ def submit_groups(model: nn.Module, groups: dict[str, list[ModulePlan]], grams: 
     remote = ray.remote(num_cpus=args.threads)(decompose_group_arrays)
     refs = []
     for group, plans in groups.items():
-        weights = {p.name: model.get_submodule(p.name).weight.detach().float().numpy() for p in plans}
+        weights = group_weights(model, plans)
         refs.append(remote.remote(
             weights, {p.name: p.rank for p in plans}, args.method, grams[group], abs_means[group],
             args.k1_fraction, args.damping, args.alpha, args.threads,
         ))
     return refs
-
-
-def statistics_arrays(stats: InputStatistics) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(grams, abs_means) per group as numpy arrays, from a layer's hooks."""
-    accs = stats.accumulators
-    return {g: a.gram().numpy() for g, a in accs.items()}, {g: a.abs_mean().numpy() for g, a in accs.items()}
 
 
 def get_results(refs: list[ray.ObjectRef]) -> list:
@@ -134,11 +149,9 @@ def compress_layerwise(
             if mode == "propagate":  # later layers must see this layer compressed
                 install_factors(model, staged)
             on_group(staged)
-        hooked = {g: m for g, m in group_inputs(layer, spec).items() if g in groups}
-        with torch.no_grad(), InputStatistics(hooked) as stats:
-            outputs = [run_layer(layer, h, kw) for h, kw in batches]
+        outputs, grams, abs_means = run_with_statistics(layer, spec, groups, batches)
         timings.calibration += time.perf_counter() - start
-        refs = submit_groups(model, groups, *statistics_arrays(stats), args) if groups else []
+        refs = submit_groups(model, groups, grams, abs_means, args) if groups else []
         if mode == "propagate" and refs:
             collect(refs)
             start = time.perf_counter()

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from nesta_ray.calibration import InputStatistics
-from nesta_ray.models import ArchSpec, arch_for, capture_layer_inputs, decoder_layers, group_inputs, run_layer
-from nesta_ray.pipeline.layerwise import MethodArgs, install_factors
+from nesta_ray.models import ArchSpec, arch_for, capture_layer_inputs, decoder_layers, run_layer
+from nesta_ray.pipeline.layerwise import MethodArgs, group_weights, install_factors, run_with_statistics
 from nesta_ray.pipeline.plan import Plan
 from nesta_ray.pipeline.staging import LayerStage
 from nesta_ray.pipeline.tasks import decompose_group_arrays
@@ -92,17 +91,14 @@ class LayerShard:
         of layers not yet staged. In ``propagate`` mode each layer is compressed (or its staged factors installed)
         before its outputs are computed. Returns the outputs of the shard's last layer, for the next shard."""
         start = time.perf_counter()
-        hidden = [torch.from_numpy(h.copy()) for h, _ in batches]
-        kwargs = [kw for _, kw in batches]
+        current = [(torch.from_numpy(h.copy()), kw) for h, kw in batches]
         layers = decoder_layers(self.model, self.spec)
         done = self.stage.done()
         for i in self.layers:
             groups = self.plan.for_layer(i)
-            hooked = {} if i in done else {g: m for g, m in group_inputs(layers[i], self.spec).items() if g in groups}
-            with torch.no_grad(), InputStatistics(hooked) as stats:
-                outputs = [run_layer(layers[i], h, kw) for h, kw in zip(hidden, kwargs)]
-            if hooked:
-                self.stats[i] = {g: (a.gram().numpy(), a.abs_mean().numpy()) for g, a in stats.accumulators.items()}
+            outputs, grams, abs_means = run_with_statistics(layers[i], self.spec, {} if i in done else groups, current)
+            if grams:
+                self.stats[i] = {g: (grams[g], abs_means[g]) for g in grams}
             if self.mode == "propagate" and groups:
                 self.seconds["calibration"] += time.perf_counter() - start
                 if i in done:
@@ -111,18 +107,17 @@ class LayerShard:
                     self._decompose_layer(i)
                 start = time.perf_counter()
                 with torch.no_grad():
-                    outputs = [run_layer(layers[i], h, kw) for h, kw in zip(hidden, kwargs)]
-            hidden = outputs
+                    outputs = [run_layer(layers[i], h, kw) for h, kw in current]
+            current = [(out, kw) for out, (_, kw) in zip(outputs, current)]
         self.seconds["calibration"] += time.perf_counter() - start
-        return [(h.numpy(), kw) for h, kw in zip(hidden, kwargs)]
+        return [(h.numpy(), kw) for h, kw in current]
 
     def _decompose_layer(self, i: int) -> None:
         start = time.perf_counter()
         a, layer_results = self.args, {}
         for group, plans in self.plan.for_layer(i).items():
             gram, abs_mean = self.stats[i].pop(group)
-            weights = {p.name: self.model.get_submodule(p.name).weight.detach().float().numpy() for p in plans}
-            group = decompose_group_arrays(weights, {p.name: p.rank for p in plans}, a.method, gram, abs_mean,
+            group = decompose_group_arrays(group_weights(self.model, plans), {p.name: p.rank for p in plans}, a.method, gram, abs_mean,
                                            a.k1_fraction, a.damping, a.alpha, a.threads)
             self.task_seconds += [r["seconds"] for r in group.values()]
             layer_results.update(group)
