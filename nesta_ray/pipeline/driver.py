@@ -145,15 +145,14 @@ def run_job(cfg: JobConfig) -> dict:
     texts = TextCache(tokenizer)
     calib, evals = calibration_ids(cfg, texts), evaluation_ids(cfg, texts)
     model_fp = fingerprint_model(folder)
-    stage = LayerStage(cfg.output.uri, job_fingerprint(cfg.fingerprint(), model_fp, fingerprint_tokens(calib)),
-                       cfg.output.storage_options)
+    stage_ref = StageRef(cfg.output.uri, job_fingerprint(cfg.fingerprint(), model_fp, fingerprint_tokens(calib)),
+                         cfg.output.storage_options)
+    stage = stage_ref.open()
     staged_before = sorted(stage.done() & set(plan.layers()))
     need_model = not cfg.runtime.workers or bool(evals) or cfg.output.export_dense
     model = load_model(folder, getattr(torch, cfg.model.dtype))[0] if need_model else None
     timings["load"] = time.perf_counter() - t_start
     ensure_ray(cfg.runtime.ray_address, cfg.runtime.num_cpus)
-    m = cfg.method
-    args = MethodArgs(m.name, m.k1_fraction, m.damping, m.alpha, cfg.runtime.threads_per_task)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint()[:8]}-{uuid.uuid4().hex[:6]}"
     report: dict = {"run_id": run_id, "perplexity": {}}
     with _progress(cfg.runtime.progress) as progress:
@@ -161,31 +160,8 @@ def run_job(cfg: JobConfig) -> dict:
         dense = _evaluate(model, evals, progress, "dense") if model is not None and cfg.evaluation.dense else {}
         timings["evaluate_dense"] = time.perf_counter() - t
         t = time.perf_counter()
-        computed = sorted(set(plan.layers()) - set(staged_before))
-        if len(staged_before) == len(plan.layers()):
-            progress.add_task(f"all {len(staged_before)} layers already staged", total=None)
-        elif cfg.runtime.workers:
-            progress.add_task(f"calibrate + decompose on {cfg.runtime.workers} layer shards", total=None)
-            out = compress_sharded(folder, plan, calib, workers=cfg.runtime.workers,
-                                   micro_batch=cfg.calibration.micro_batch, mode=cfg.calibration.mode, args=args,
-                                   dtype=cfg.model.dtype, stage=StageRef(cfg.output.uri, stage.uri.rsplit("/", 1)[-1],
-                                                                         cfg.output.storage_options),
-                                   fail_at_layer=cfg.runtime.fail_at_layer)
-            timings.update(out["timings"])
-            computed = out["computed"]  # fewer than planned when a restarted shard found layers staged
-        else:
-            layers_task = progress.add_task("calibrate layers", total=max(plan.layers()) + 1)
-            linears_task = progress.add_task("decompose linears", total=len(plan.modules))
-            _, lw = compress_layerwise(
-                model, spec, plan, calib, micro_batch=cfg.calibration.micro_batch, mode=cfg.calibration.mode,
-                args=args, stage=stage, on_layer=lambda i: progress.advance(layers_task),
-                on_group=lambda r: progress.advance(linears_task, len(r)),
-            )
-            timings["calibration"], timings["decomposition_wait"] = lw.calibration, lw.decomposition_wait
+        computed = _compress(cfg, folder, model, spec, plan, calib, stage_ref, staged_before, progress, timings)
         timings["compress_total"] = time.perf_counter() - t
-        if model is not None and not any(isinstance(mod, LowRankLinear) for mod in model.modules()):
-            for i in plan.layers():
-                install_factors(model, stage.get(i))
         t = time.perf_counter()
         compressed = _evaluate(model, evals, progress, "compressed") if model is not None else {}
         if model is not None and cfg.evaluation.prompt:
@@ -195,27 +171,67 @@ def run_job(cfg: JobConfig) -> dict:
         report["perplexity"] = {k: {"dense": dense.get(k), "compressed": v} for k, v in compressed.items()}
         t = time.perf_counter()
         write_task = progress.add_task("write checkpoint", total=1)
-        writer = RunWriter(cfg.output.uri, run_id, cfg.output.storage_options)
-        stats = write_from_stage(writer, folder, plan, stage, spec, hf_config.num_hidden_layers,
-                                 cfg.output.shard_bytes)
-        for path in model_files(folder):
-            writer.put_file(os.path.basename(path), path)
-        report.update(_summary(cfg, plan, stats, skeleton, model_fp, calib))
-        report["resume"] = {"layers": len(plan.layers()), "staged_before": staged_before,
-                            "computed": computed, "stage": stage.uri}
-        writer.put_json(NESTA_JSON, _nesta_meta(cfg, report, tied_aliases(skeleton)))
-        if cfg.output.export_dense:
-            _put_dense(writer, model, tokenizer)
-        timings["write"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t_start
-        report["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        report["run_uri"] = writer.run_uri
-        writer.put_json("report.json", json_safe(report))
-        writer.put_bytes("report.md", run_markdown(report).encode())
-        writer.commit(publish=True)
+        report["resume"] = {"layers": len(plan.layers()), "staged_before": staged_before, "computed": computed,
+                            "stage": stage.uri}
+        _write_run(cfg, report, folder, skeleton, plan, stage, model, tokenizer, model_fp, calib, timings, t, t_start)
         stage.clear()  # its factors now live in the committed run
         progress.advance(write_task)
     return report
+
+
+def _compress(cfg: JobConfig, folder: str, model: torch.nn.Module | None, spec, plan: Plan, calib: torch.Tensor,
+              stage_ref: StageRef, staged_before: list[int], progress: Progress, timings: dict) -> list[int]:
+    """Calibrate and decompose the layers not staged yet, on layer shards or in the embedded loop; returns the
+    layers computed in this run. Afterwards every planned layer is staged (and installed in ``model``, if any)."""
+    computed = sorted(set(plan.layers()) - set(staged_before))
+    args = MethodArgs(cfg.method.name, cfg.method.k1_fraction, cfg.method.damping, cfg.method.alpha,
+                      cfg.runtime.threads_per_task)
+    cal = cfg.calibration
+    if not computed:
+        progress.add_task(f"all {len(staged_before)} layers already staged", total=None)
+    elif cfg.runtime.workers:
+        progress.add_task(f"calibrate + decompose on {cfg.runtime.workers} layer shards", total=None)
+        out = compress_sharded(folder, plan, calib, workers=cfg.runtime.workers, micro_batch=cal.micro_batch,
+                               mode=cal.mode, args=args, dtype=cfg.model.dtype, stage=stage_ref,
+                               fail_at_layer=cfg.runtime.fail_at_layer)
+        timings.update(out["timings"])
+        computed = out["computed"]  # fewer than planned when a restarted shard found layers staged
+    else:
+        layers_task = progress.add_task("calibrate layers", total=max(plan.layers()) + 1)
+        linears_task = progress.add_task("decompose linears", total=len(plan.modules))
+        _, lw = compress_layerwise(
+            model, spec, plan, calib, micro_batch=cal.micro_batch, mode=cal.mode, args=args, stage=stage_ref.open(),
+            on_layer=lambda i: progress.advance(layers_task), on_group=lambda r: progress.advance(linears_task, len(r)),
+        )
+        timings["calibration"], timings["decomposition_wait"] = lw.calibration, lw.decomposition_wait
+    if model is not None and not any(isinstance(mod, LowRankLinear) for mod in model.modules()):
+        stage = stage_ref.open()
+        for i in plan.layers():
+            install_factors(model, stage.get(i))
+    return computed
+
+
+def _write_run(cfg: JobConfig, report: dict, folder: str, skeleton: torch.nn.Module, plan: Plan, stage: LayerStage,
+               model: torch.nn.Module | None, tokenizer, model_fp: str, calib: torch.Tensor, timings: dict,
+               t_write: float, t_start: float) -> None:
+    """Assemble, describe and commit the run (shards from source + stage, model files, nesta.json, report)."""
+    hf_config = skeleton.config
+    writer = RunWriter(cfg.output.uri, report["run_id"], cfg.output.storage_options)
+    stats = write_from_stage(writer, folder, plan, stage, arch_for(hf_config.model_type),
+                             hf_config.num_hidden_layers, cfg.output.shard_bytes)
+    for path in model_files(folder):
+        writer.put_file(os.path.basename(path), path)
+    report.update(_summary(cfg, plan, stats, skeleton, model_fp, calib))
+    writer.put_json(NESTA_JSON, _nesta_meta(cfg, report, tied_aliases(skeleton)))
+    if cfg.output.export_dense:
+        _put_dense(writer, model, tokenizer)
+    timings["write"] = time.perf_counter() - t_write
+    timings["total"] = time.perf_counter() - t_start
+    report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    report["run_uri"] = writer.run_uri
+    writer.put_json("report.json", json_safe(report))
+    writer.put_bytes("report.md", run_markdown(report).encode())
+    writer.commit(publish=True)
 
 
 def _summary(cfg: JobConfig, plan: Plan, stats: dict[str, dict], skeleton: torch.nn.Module, model_fp: str,
