@@ -50,8 +50,10 @@ def synthetic_model(folder: Path, tokenizer_folder: str, layers: int, hidden: in
     return str(folder)
 
 
-def plain_forward_seconds(folder: str, ids: torch.Tensor, micro_batch: int) -> float:
-    """(a): the same layer-by-layer forward the shards run, without hooks, in this process."""
+def plain_forward_seconds(folder: str, ids: torch.Tensor, micro_batch: int, threads: int) -> float:
+    """(a): the same layer-by-layer forward the shards run, without hooks, in this process, with the shards'
+    thread count."""
+    torch.set_num_threads(threads)
     model, _ = load_model(folder)
     spec = arch_for(model.config.model_type)
     start = time.perf_counter()
@@ -73,7 +75,7 @@ def bench(name: str, folder: str, args, scratch: Path) -> list[dict]:
     plan = make_plan(skeleton, arch_for(skeleton.config.model_type), method="nsvd1", ratio=0.2, k1_fraction=0.95,
                      targets=TARGETS)
     model_bytes = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-    a = plain_forward_seconds(folder, ids, args.micro_batch)
+    a = plain_forward_seconds(folder, ids, args.micro_batch, threads=1)
     rows = []
     for workers in args.workers:
         start = time.perf_counter()
