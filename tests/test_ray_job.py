@@ -72,9 +72,14 @@ def test_ray_job_submit_matches_the_embedded_run(cluster, tiny3_folder, tmp_path
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--", sys.executable, "-m", "nesta_ray.compress",
-         "--config", str(path)], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    command = [RAY, "job", "submit", "--address", address, "--", sys.executable, "-m", "nesta_ray.compress",
+               "--config", str(path)]
+    deadline = time.time() + 90
+    while True:  # the job server answers before its agent is up; it says so and asks to retry
+        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert submit.returncode == 0 and "succeeded" in submit.stdout.lower(), submit.stdout[-3000:] + submit.stderr[-2000:]
 
     embedded = subprocess.run(
