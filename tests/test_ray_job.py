@@ -42,9 +42,12 @@ def cluster(tmp_path):
     dashboard = _free_port()
     temp = Path("/tmp") / f"nr-{os.getpid()}-{dashboard}"  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
+        # Every port its own: another Ray on this machine (the suite's ray_local) holds the default agent ports.
         [RAY, "start", "--head", "--block", "--num-cpus", "2", "--port", str(_free_port()),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", str(temp),
-         "--include-dashboard", "true"],
+         "--include-dashboard", "true", "--dashboard-agent-listen-port", str(_free_port()),
+         "--dashboard-agent-grpc-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
+         "--metrics-export-port", str(_free_port())],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 90
@@ -72,14 +75,9 @@ def test_ray_job_submit_matches_the_embedded_run(cluster, tiny3_folder, tmp_path
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
-    command = [RAY, "job", "submit", "--address", address, "--", sys.executable, "-m", "nesta_ray.compress",
-               "--config", str(path)]
-    deadline = time.time() + 90
-    while True:  # the job server answers before its agent is up; it says so and asks to retry
-        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-        if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
-            break
-        time.sleep(2)
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--", sys.executable, "-m", "nesta_ray.compress",
+         "--config", str(path)], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert submit.returncode == 0 and "succeeded" in submit.stdout.lower(), submit.stdout[-3000:] + submit.stderr[-2000:]
 
     embedded = subprocess.run(

@@ -117,10 +117,10 @@ class LayerShard:
         a, layer_results = self.args, {}
         for group, plans in self.plan.for_layer(i).items():
             gram, abs_mean = self.stats[i].pop(group)
-            group = decompose_group_arrays(group_weights(self.model, plans), {p.name: p.rank for p in plans}, a.method, gram, abs_mean,
-                                           a.k1_fraction, a.damping, a.alpha, a.threads)
-            self.task_seconds += [r["seconds"] for r in group.values()]
-            layer_results.update(group)
+            part = decompose_group_arrays(group_weights(self.model, plans), {p.name: p.rank for p in plans},
+                                          a.method, gram, abs_mean, a.k1_fraction, a.damping, a.alpha, a.threads)
+            self.task_seconds += [r["seconds"] for r in part.values()]
+            layer_results.update(part)
         del self.stats[i]
         install_factors(self.model, layer_results)
         if self.fail_at_layer == i and self.stage.mark(f"fault-injected-{i}"):
