@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out or f"results/quality_{Path(folder).name.split('-')[0].lower()}_seed{args.seed}"
                f"{'_quick' if args.quick else ''}.json")
-    payload = {"args": vars(args), "model_folder": Path(folder).name, "rows": rows,
+    recorded = {**vars(args), "corpora": os.path.relpath(args.corpora, Path(__file__).resolve().parents[1])}
+    payload = {"args": recorded, "model_folder": Path(folder).name, "rows": rows,
                "timings_s": {k: round(v, 1) for k, v in timings.items()},
                "machine": {"python": platform.python_version(), "torch": torch.__version__,
                            "threads": torch.get_num_threads()}}
