@@ -20,7 +20,7 @@ from torch import nn
 from nesta_ray.errors import CheckpointError
 from nesta_ray.models import LowRankLinear, set_submodule
 from nesta_ray.sources import default_cache_dir, load_model, model_files, resolve_model
-from nesta_ray.storage import RunWriter, download_run, read_json, resolve_run, verify_run
+from nesta_ray.storage import RunWriter, download_run, resolve_run
 
 FORMAT = "nesta_ray.lowrank"
 FORMAT_VERSION = 1
@@ -81,25 +81,27 @@ def dense_copy(model: nn.Module) -> nn.Module:
     return model
 
 
-def _local_run(uri: str, storage_options: dict | None, verify: bool) -> tuple[str, dict]:
+def _local_run(uri: str, storage_options: dict | None) -> tuple[str, dict]:
+    """(local folder, nesta.json) of a run. ``download_run`` verifies it once: _SUCCESS, manifest, and every file's
+    size and sha256 (in place for a local run, while copying for a remote one)."""
     run_uri = resolve_run(uri, storage_options)
-    verify_run(run_uri, storage_options, check_hashes=verify)
-    meta = read_json(f"{run_uri.rstrip('/')}/{NESTA_JSON}", storage_options)
+    cache = os.path.join(default_cache_dir(), "runs", hashlib.sha256(run_uri.encode()).hexdigest()[:16])
+    folder = download_run(run_uri, cache, storage_options)
+    meta = json.loads((Path(folder) / NESTA_JSON).read_text())
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{run_uri}: not a {FORMAT} v{FORMAT_VERSION} checkpoint (nesta.json says "
                               f"{meta.get('format')} v{meta.get('format_version')})")
-    cache = os.path.join(default_cache_dir(), "runs", hashlib.sha256(run_uri.encode()).hexdigest()[:16])
-    return download_run(run_uri, cache, storage_options), meta
+    return folder, meta
 
 
-def load_compressed(uri: str, storage_options: dict | None = None, *, verify: bool = True) -> nn.Module:
+def load_compressed(uri: str, storage_options: dict | None = None) -> nn.Module:
     """A transformers model whose compressed linears are LowRankLinear modules, in eval mode.
 
     ``uri`` is a run folder or an output root (its ``latest`` run is taken). The manifest is checked (sizes and
-    sha256 unless ``verify=False``) before anything is loaded. Raises CheckpointError for an incomplete,
-    tampered or foreign checkpoint.
+    sha256 of every file) before anything is loaded. Raises CheckpointError for an incomplete, tampered or
+    foreign checkpoint.
     """
-    return _assemble(*_local_run(uri, storage_options, verify), uri)
+    return _assemble(*_local_run(uri, storage_options), uri)
 
 
 def _assemble(folder: str, meta: dict, uri: str) -> nn.Module:
@@ -137,7 +139,7 @@ def load_any(uri: str, storage_options: dict | None = None) -> tuple[nn.Module, 
         run_uri = resolve_run(uri, storage_options)
     except CheckpointError:
         return load_model(resolve_model(uri, storage_options=storage_options))
-    folder, meta = _local_run(run_uri, storage_options, verify=True)
+    folder, meta = _local_run(run_uri, storage_options)
     return _assemble(folder, meta, run_uri), AutoTokenizer.from_pretrained(folder)
 
 

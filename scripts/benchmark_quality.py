@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     base_plan = make_plan(model, spec, method="svd", ratio=0.1, k1_fraction=1.0, targets=TARGETS)
     stats = collect_statistics(model, spec, base_plan.layers(), calib, args.micro_batch)
-    grams = {i: {g: ray.put(a.gram().numpy()) for g, a in s.accumulators.items()} for i, s in stats.items()}
-    absm = {i: {g: ray.put(a.abs_mean().numpy()) for g, a in s.accumulators.items()} for i, s in stats.items()}
+    grams = {i: {g: ray.put(a) for g, a in gr.items()} for i, (gr, _) in stats.items()}
+    absm = {i: {g: ray.put(a) for g, a in am.items()} for i, (_, am) in stats.items()}
     del stats
     timings["calibration"] = time.perf_counter() - t
 

@@ -170,14 +170,16 @@ def compress_layerwise(
 
 
 def collect_statistics(model: nn.Module, spec: ArchSpec, layers: list[int], ids: torch.Tensor,
-                       micro_batch: int) -> dict[int, InputStatistics]:
-    """Input statistics of the dense model for the given layers (one forward pass, nothing decomposed)."""
+                       micro_batch: int) -> dict[int, tuple[dict, dict]]:
+    """Per layer in ``layers``: (grams, abs_means) by input group, from the dense model (one forward pass,
+    nothing decomposed), as ``run_with_statistics`` returns them."""
     batches = layer_inputs(model, spec, ids, micro_batch)
-    stats: dict[int, InputStatistics] = {}
+    stats: dict[int, tuple[dict, dict]] = {}
     for i, layer in enumerate(decoder_layers(model, spec)):
         if i > max(layers, default=-1):
             break
-        hooked = group_inputs(layer, spec) if i in layers else {}
-        with torch.no_grad(), InputStatistics(hooked) as stats[i]:
-            batches = [(run_layer(layer, h, kw), kw) for h, kw in batches]
-    return {i: s for i, s in stats.items() if i in layers}
+        outputs, grams, abs_means = run_with_statistics(layer, spec, spec.groups if i in layers else {}, batches)
+        if i in layers:
+            stats[i] = (grams, abs_means)
+        batches = [(out, kw) for out, (_, kw) in zip(outputs, batches)]
+    return stats
