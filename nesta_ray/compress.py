@@ -1,6 +1,7 @@
 """CLI: ``python -m nesta_ray.compress --config FILE [--set key=value ...] [--dry-run] [--export-dense]``.
 
-Only argument handling lives here; every ``NestaError`` becomes one line on stderr and exit code 2.
+Only argument handling lives here; every ``NestaError`` becomes one line on stderr and exit code 2; a run that
+fails its quality gate is kept but not published, and exits with code 3.
 """
 
 from __future__ import annotations
@@ -129,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(run_markdown(report))
     print(f"checkpoint: {report['run_uri']}")
+    if not report["published"]:
+        print(f"gate {report['gate_summary']}: the run is kept at {report['run_uri']}, latest was not moved",
+              file=sys.stderr)
+        return 3
     return 0
 
 

@@ -107,6 +107,22 @@ class OutputConfig(_Strict):
     shard_bytes: int = Field(2 << 30, ge=1 << 20, description="maximum bytes per safetensors shard")
 
 
+class GateConfig(_Strict):
+    max_increase: dict[str, float] = Field(default_factory=dict, description="evaluation set name -> the largest "
+                                           "relative perplexity increase over dense allowed, e.g. {c4_heldout: 0.10}")
+    cases: str | None = Field(None, description="JSON-lines file of critical cases: {prompt, expect} (substring of "
+                              "the greedy continuation) or {prompt, continuation} (its prefix), optional name")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for a remote cases file")
+    max_new_tokens: int = Field(24, ge=1, description="tokens generated greedily per critical case")
+
+    @model_validator(mode="after")
+    def _limits(self) -> GateConfig:
+        bad = {k: v for k, v in self.max_increase.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"max_increase limits must be >= 0 (a fraction, 0.1 = +10%), got {bad}")
+        return self
+
+
 class RatesConfig(_Strict):
     matmul_gflops: float = Field(gt=0, description="fp32 matmul throughput of one worker, GFLOP/s")
     svd_gflops: float = Field(gt=0, description="fp64 SVD throughput of one worker, GFLOP/s")
@@ -135,6 +151,7 @@ class JobConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(description="an output section with uri (local path, file:// or s3://)")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    gate: GateConfig | None = Field(None, description="publish (move latest) only when these quality checks pass")
 
     @model_validator(mode="after")
     def _disjoint(self) -> JobConfig:
@@ -151,6 +168,14 @@ class JobConfig(_Strict):
                     f"evaluation set {ev.name!r} overlaps the calibration windows of {ev.key()}; "
                     "set calibration.num_windows and move the set's first_window past them"
                 )
+        if self.gate is not None and self.gate.max_increase:
+            names = [s.name for s in self.evaluation.sets]
+            missing = sorted(set(self.gate.max_increase) - set(names))
+            if missing:
+                raise ValueError(f"gate.max_increase names sets {missing} that evaluation.sets does not define "
+                                 f"(defined: {names})")
+            if not self.evaluation.dense:
+                raise ValueError("gate.max_increase compares with the dense model: set evaluation.dense: true")
         return self
 
     def fingerprint(self) -> str:

@@ -80,6 +80,12 @@ def run_markdown(report: dict) -> str:
     ]
     if report.get("perplexity"):
         parts += ["## Perplexity", before_after_table(report["perplexity"])]
+    if report.get("gate"):
+        g = report["gate"]
+        verdict = "passed: published (latest moved)" if g["passed"] else "FAILED: not published (latest unchanged)"
+        parts += ["## Quality gate", f"{verdict}; {g['checks']} checks"]
+        if g["failures"]:
+            parts.append(table(["kind", "name", "failure"], [[f["kind"], f["name"], f["detail"]] for f in g["failures"]]))
     if report.get("generation"):
         g = report["generation"]
         parts += ["## Greedy sample", f"prompt: `{g['prompt']}`", f"compressed: `{g['compressed']}`"]

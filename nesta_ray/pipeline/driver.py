@@ -25,6 +25,7 @@ from nesta_ray.config import JobConfig, TextSource
 from nesta_ray.data import fingerprint_tokens, pick_windows, read_dataset, read_text, token_windows
 from nesta_ray.errors import ConfigError
 from nesta_ray.evaluate import generate, perplexity
+from nesta_ray.gate import check_gate, read_cases, run_cases
 from nesta_ray.models import LowRankLinear, arch_for
 from nesta_ray.pipeline.layerwise import MethodArgs, compress_layerwise, install_factors
 from nesta_ray.pipeline.reducer import tied_aliases, write_from_stage
@@ -149,7 +150,8 @@ def run_job(cfg: JobConfig) -> dict:
                          cfg.output.storage_options)
     stage = stage_ref.open()
     staged_before = sorted(stage.done() & set(plan.layers()))
-    need_model = not cfg.runtime.workers or bool(evals) or cfg.output.export_dense
+    cases = read_cases(cfg.gate.cases, cfg.gate.storage_options) if cfg.gate and cfg.gate.cases else []
+    need_model = not cfg.runtime.workers or bool(evals) or cfg.output.export_dense or bool(cases)
     model = load_model(folder, getattr(torch, cfg.model.dtype))[0] if need_model else None
     timings["load"] = time.perf_counter() - t_start
     ensure_ray(cfg.runtime.ray_address, cfg.runtime.num_cpus)
@@ -169,6 +171,10 @@ def run_job(cfg: JobConfig) -> dict:
                 model, tokenizer, cfg.evaluation.prompt, cfg.evaluation.max_new_tokens)}
         timings["evaluate_compressed"] = time.perf_counter() - t
         report["perplexity"] = {k: {"dense": dense.get(k), "compressed": v} for k, v in compressed.items()}
+        if cfg.gate is not None:
+            outputs = run_cases(model, tokenizer, cases, cfg.gate.max_new_tokens) if cases else {}
+            gate = check_gate(report["perplexity"], cfg.gate.max_increase, cases, outputs)
+            report["gate"], report["gate_summary"] = gate.as_dict(), gate.summary()
         t = time.perf_counter()
         write_task = progress.add_task("write checkpoint", total=1)
         report["resume"] = {"layers": len(plan.layers()), "staged_before": staged_before, "computed": computed,
@@ -229,9 +235,10 @@ def _write_run(cfg: JobConfig, report: dict, folder: str, skeleton: torch.nn.Mod
     timings["total"] = time.perf_counter() - t_start
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     report["run_uri"] = writer.run_uri
+    report["published"] = report.get("gate", {}).get("passed", True)  # a failed gate keeps latest where it was
     writer.put_json("report.json", json_safe(report))
     writer.put_bytes("report.md", run_markdown(report).encode())
-    writer.commit(publish=True)
+    writer.commit(publish=report["published"])
 
 
 def _summary(cfg: JobConfig, plan: Plan, stats: dict[str, dict], skeleton: torch.nn.Module, model_fp: str,
