@@ -48,6 +48,81 @@ def split_rank(k: int, k1_fraction: float) -> tuple[int, int]:
     return k1, k - k1
 
 
+def tail_energy(s: torch.Tensor) -> torch.Tensor:
+    """E (r + 1,) with E[j] = Σ_{i ≥ j} σ_i² for singular values σ (r,): the whitened loss of keeping rank j."""
+    sq = s.to(torch.float64) ** 2
+    return torch.cat([torch.flip(torch.cumsum(torch.flip(sq, (0,)), 0), (0,)), sq.new_zeros(1)])
+
+
+def k1_by_tolerance(s: torch.Tensor, k: int, tol: float, min_k1: int = 0) -> int:
+    """Per-matrix nested split from the whitened spectrum σ (r,) of W·S: the smallest k1 in [min_k1, k] whose
+    whitened loss E[k1] is within (1 + tol) of the rank-k optimum E[k] (``tail_energy``). The residual stage
+    only lowers the loss further, so the nested factorisation's whitened loss is at most (1 + tol)·E[k].
+
+    tol = 0 gives k1 = k (plain whitened SVD) unless the spectrum is flat to zero below k. Raises ValueError for
+    tol < 0 or k, min_k1 outside [0, r].
+    """
+    r = s.shape[0]
+    if tol < 0 or not 0 <= min_k1 <= k <= r:
+        raise ValueError(f"k1_by_tolerance needs tol >= 0 and 0 <= min_k1 <= k <= {r}; got tol={tol}, "
+                         f"min_k1={min_k1}, k={k}")
+    E = tail_energy(s)
+    ok = torch.nonzero(E[min_k1 : k + 1] <= (1.0 + tol) * E[k]).flatten()  # never empty: j = k qualifies
+    return min_k1 + int(ok[0])
+
+
+def allocate_ranks(
+    spectra: Mapping[str, torch.Tensor], costs: Mapping[str, int], budget: int, *, normalise: bool = True,
+    min_ranks: Mapping[str, int] | None = None, max_ranks: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Ranks for many matrices under one parameter budget, from their whitened spectra (one ``whitened_svd`` each).
+
+    Keeping singular value σ_i of matrix j lowers its whitened loss by exactly σ_i² and costs ``costs[j]`` = m + n
+    parameters. With ``normalise`` the gain is σ_i² / Σσ² (the loss relative to tr(W·G·Wᵀ), so layers of
+    different output scale compare). Starting from ``min_ranks`` (default 1), components are taken in decreasing
+    gain per parameter while they fit; a matrix whose next component does not fit takes no more. The ranks never
+    exceed ``max_ranks`` (default r) and Σ rank·cost ≤ budget. Before the first skipped component this is the
+    exact optimum for the parameters it uses (a Lagrangian solution; gains fall within each matrix); in all
+    cases it is within one component's gain of the best allocation for ``budget``.
+
+    Raises ValueError when a name lacks a cost, a guard is out of [0, r] or min > max, or the minimum ranks
+    already exceed the budget.
+    """
+    names = list(spectra)
+    lo = {j: (min_ranks or {}).get(j, 1) for j in names}
+    hi = {j: (max_ranks or {}).get(j, spectra[j].shape[0]) for j in names}
+    for j in names:
+        if j not in costs or costs[j] <= 0:
+            raise ValueError(f"allocate_ranks: matrix {j!r} needs a positive cost (m + n)")
+        if not 0 <= lo[j] <= hi[j] <= spectra[j].shape[0]:
+            raise ValueError(f"allocate_ranks: matrix {j!r} has min rank {lo[j]}, max rank {hi[j]}, "
+                             f"outside 0 <= min <= max <= {spectra[j].shape[0]}")
+    left = budget - sum(lo[j] * costs[j] for j in names)
+    if left < 0:
+        raise ValueError(f"allocate_ranks: the minimum ranks need {budget - left} parameters, over the budget "
+                         f"{budget}; lower min_ranks or raise the budget")
+    ratio, owner = [], []
+    for idx, j in enumerate(names):
+        sq = spectra[j].to(torch.float64) ** 2
+        gain = sq / sq.sum() if normalise and float(sq.sum()) > 0 else sq
+        ratio.append(gain[lo[j] : hi[j]] / costs[j])
+        owner.append(torch.full((hi[j] - lo[j],), idx, dtype=torch.long))
+    ratio_all, owner_all = torch.cat(ratio), torch.cat(owner)
+    order = torch.sort(-ratio_all, stable=True).indices  # stable: a matrix's components stay in index order
+    ranks = dict(lo)
+    blocked: set[int] = set()
+    for idx in owner_all[order].tolist():
+        if idx in blocked:
+            continue
+        j = names[idx]
+        if costs[j] <= left:
+            ranks[j] += 1
+            left -= costs[j]
+        else:
+            blocked.add(idx)
+    return ranks
+
+
 @dataclass(frozen=True)
 class Whitening:
     """A factor S (n, n) with S·Sᵀ = G + λ·mean(diag G)·I, and how it was obtained.
@@ -202,11 +277,18 @@ def _truncate(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, k: int) -> tup
     return U[:, :k] * root, root[:, None] * Vh[:k]
 
 
+def whitened_svd(W: torch.Tensor, wh: Whitening) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U (m, r), σ (r,), Vᵀ (r, n)) of W·S in float64, r = min(m, n). One per matrix serves every rank:
+    σ_i² is the exact whitened loss of dropping the i-th component. Raises NumericalError for non-finite input."""
+    _check_finite("weight", W)
+    return _svd(wh.apply(W.detach().to(torch.float64)))
+
+
 def _whitened_stage(
-    W: torch.Tensor, k: int, wh: Whitening
+    W: torch.Tensor, k: int, wh: Whitening, usv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-k approximation of W under the metric of wh: SVD of W·S, then B = √Σ_k·V_kᵀ·S⁻¹."""
-    U, s, Vh = _svd(wh.apply(W))  # SVD of W·S (m, n)
+    U, s, Vh = usv if usv is not None else _svd(wh.apply(W))  # SVD of W·S (m, n)
     A, BS = _truncate(U, s, Vh, k)  # (m, k), (k, n)
     return A, wh.right_solve(BS), s
 
@@ -251,14 +333,18 @@ def decompose(
     damping: float = 1e-6,
     alpha: float = 0.5,
     whitening: Whitening | None = None,
+    k1: int | None = None,
+    usv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> Factors:
     """Factor W (m, n) at rank k into A (m, k), B (k, n) with the named method.
 
     ``svd`` needs nothing else; ``asvd0`` needs ``abs_mean`` (n,); the whitened methods need ``gram`` (n, n)
     or a precomputed ``whitening`` of it (so layers that share an input share one factorisation).
-    ``nsvd*`` keep k1 = round(f·k) of the whitened SVD and spend k2 = k − k1 on a plain SVD of the residual.
-    Raises ValueError for an unknown method or a bad rank, NumericalError for non-finite inputs or results.
+    ``nsvd*`` keep k1 of the whitened SVD (``k1`` if given, e.g. from ``k1_by_tolerance``, else round(f·k)) and
+    spend k2 = k − k1 on a plain SVD of the residual. ``usv`` is ``whitened_svd(W, whitening)`` computed once and
+    reused across ranks (it needs ``whitening`` too). Raises ValueError for an unknown method, a bad rank or k1,
+    NumericalError for non-finite inputs or results.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -269,12 +355,19 @@ def decompose(
     W64 = W.detach().to(torch.float64)
     wh = whitening if whitening is not None else scaling_for(method, gram, abs_mean, alpha, damping)
 
-    k1, k2 = split_rank(rank, k1_fraction) if method.startswith("nsvd") else (rank, 0)
+    if usv is not None and whitening is None:
+        raise ValueError("usv (a precomputed whitened SVD) needs the whitening it was computed with")
+    if k1 is not None and not (method.startswith("nsvd") and 0 <= k1 <= rank):
+        raise ValueError(f"k1 = {k1} needs an nsvd method and 0 <= k1 <= rank {rank}")
+    if method.startswith("nsvd"):
+        k1, k2 = (k1, rank - k1) if k1 is not None else split_rank(rank, k1_fraction)
+    else:
+        k1, k2 = rank, 0
     if method == "svd":
         U, spectrum, Vh = _svd(W64)
         A, B = _truncate(U, spectrum, Vh, rank)
     else:
-        A, B, spectrum = _whitened_stage(W64, k1, wh)
+        A, B, spectrum = _whitened_stage(W64, k1, wh, usv)
         if k2 > 0:
             U2, s2, Vh2 = _svd(W64 - A @ B)  # residual (m, n)
             A2, B2 = _truncate(U2, s2, Vh2, k2)

@@ -5,13 +5,19 @@ import math
 import pytest
 import torch
 
+import itertools
+
 from nesta_ray.decompose import (
     METHODS,
+    allocate_ranks,
     decompose,
+    k1_by_tolerance,
     rank_for_ratio,
     split_rank,
+    tail_energy,
     whiten,
     whitened_loss,
+    whitened_svd,
 )
 from nesta_ray.errors import NumericalError
 
@@ -184,3 +190,113 @@ def test_damping_is_relative_to_the_gram_scale():
     torch.testing.assert_close(small.A @ small.B, big.A @ big.B, rtol=1e-7, atol=1e-9)
     assert small.fallbacks == big.fallbacks
     assert big.loss == pytest.approx(small.loss * 1e6, rel=1e-7)
+
+
+def test_tail_energy_is_the_whitened_loss_of_each_rank():
+    s = torch.tensor([3.0, 2.0, 1.0], dtype=F64)
+    assert tail_energy(s).tolist() == [14.0, 5.0, 1.0, 0.0]
+
+
+def test_k1_by_tolerance_edges_and_bound():
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0, 1.0, 0.5], dtype=F64)  # E = [31.25, 15.25, 6.25, 2.25, 1.25, 0.25, 0]
+    assert k1_by_tolerance(s, 4, 0.0) == 4  # no tolerance: the plain whitened SVD
+    assert k1_by_tolerance(s, 4, 0.8) == 3  # E[3] = 2.25 <= 1.8 * 1.25
+    assert k1_by_tolerance(s, 4, 4.0) == 2  # E[2] = 6.25 <= 5 * 1.25 exactly
+    assert k1_by_tolerance(s, 4, 1e9) == 0
+    assert k1_by_tolerance(s, 4, 1e9, min_k1=3) == 3  # the guard
+    assert k1_by_tolerance(s, 0, 0.0) == 0
+    exact = torch.tensor([2.0, 1.0, 0.0, 0.0], dtype=F64)  # rank 2: the optimum at k = 3 is already 0
+    assert k1_by_tolerance(exact, 3, 0.0) == 2
+    for bad in [dict(k=7, tol=0.1), dict(k=3, tol=-0.1), dict(k=2, tol=0.1, min_k1=3)]:
+        with pytest.raises(ValueError, match="k1_by_tolerance"):
+            k1_by_tolerance(s, **bad)
+
+
+def test_nested_loss_with_tolerance_rule_is_within_the_tolerance():
+    W, _, G = _problem(m=40, n=56, seed=10)
+    wh = whiten(G, "cholesky", damping=0.0)
+    usv = whitened_svd(W, wh)
+    k, tol = 12, 0.3
+    k1 = k1_by_tolerance(usv[1], k, tol)
+    assert 0 < k1 < k
+    f = decompose(W, "nsvd1", k, gram=G, whitening=wh, usv=usv, k1=k1, damping=0.0, out_dtype=F64)
+    optimum = float(tail_energy(usv[1])[k])
+    assert (f.k1, f.k2) == (k1, k - k1)
+    assert optimum <= f.loss <= (1 + tol) * optimum
+    fresh = decompose(W, "nsvd1", k, gram=G, k1=k1, damping=0.0, out_dtype=F64)  # no cached SVD: same factors
+    torch.testing.assert_close(f.A @ f.B, fresh.A @ fresh.B, rtol=1e-9, atol=1e-10)
+
+
+def test_explicit_k1_and_usv_are_validated():
+    W, _, G = _problem(seed=11)
+    with pytest.raises(ValueError, match="k1"):
+        decompose(W, "asvd1", 5, gram=G, k1=3)
+    with pytest.raises(ValueError, match="k1"):
+        decompose(W, "nsvd1", 5, gram=G, k1=6)
+    wh = whiten(G)
+    with pytest.raises(ValueError, match="whitening"):
+        decompose(W, "asvd1", 5, gram=G, usv=whitened_svd(W, wh))
+
+
+def _brute_force(spectra, costs, budget, lo, hi):
+    names = list(spectra)
+    best = None
+    for ranks in itertools.product(*[range(lo[j], hi[j] + 1) for j in names]):
+        if sum(r * costs[j] for r, j in zip(ranks, names)) <= budget:
+            kept = sum(float((spectra[j][:r] ** 2).sum()) for r, j in zip(ranks, names))
+            best = kept if best is None else max(best, kept)
+    return best
+
+
+def _kept(spectra, ranks):
+    return sum(float((spectra[j][: ranks[j]] ** 2).sum()) for j in spectra)
+
+
+def test_allocate_ranks_equal_costs_is_exact_for_every_budget():
+    g = torch.Generator().manual_seed(12)
+    spectra = {j: torch.sort(torch.rand(5, generator=g, dtype=F64) * 3, descending=True).values for j in "abc"}
+    costs = {j: 4 for j in spectra}
+    lo, hi = {j: 0 for j in spectra}, {j: 5 for j in spectra}
+    for budget in range(0, 61):
+        ranks = allocate_ranks(spectra, costs, budget, normalise=False, min_ranks=lo)
+        assert sum(ranks[j] * costs[j] for j in spectra) <= budget
+        assert _kept(spectra, ranks) == pytest.approx(_brute_force(spectra, costs, budget, lo, hi), rel=1e-12)
+
+
+def test_allocate_ranks_unequal_costs_respects_budget_guards_and_is_near_brute_force():
+    g = torch.Generator().manual_seed(13)
+    spectra = {j: torch.sort(torch.rand(6, generator=g, dtype=F64) * (i + 1), descending=True).values
+               for i, j in enumerate("abc")}
+    costs = {"a": 3, "b": 5, "c": 8}
+    lo, hi = {"a": 1, "b": 0, "c": 1}, {"a": 5, "b": 6, "c": 4}
+    top_gain = max(float(s[0] ** 2) for s in spectra.values())
+    exact_hits = 0
+    for budget in range(11, 80):
+        ranks = allocate_ranks(spectra, costs, budget, normalise=False, min_ranks=lo, max_ranks=hi)
+        assert sum(ranks[j] * costs[j] for j in spectra) <= budget
+        assert all(lo[j] <= ranks[j] <= hi[j] for j in spectra)
+        best = _brute_force(spectra, costs, budget, lo, hi)
+        kept = _kept(spectra, ranks)
+        assert best - top_gain <= kept <= best + 1e-12
+        exact_hits += kept == pytest.approx(best, rel=1e-12)
+    assert exact_hits >= 40  # the Lagrangian solution is usually the exact optimum
+
+
+def test_allocate_ranks_normalises_per_matrix_and_spends_the_budget():
+    s = torch.tensor([2.0, 1.0, 1.0, 0.5], dtype=F64)
+    spectra = {"small": s, "big": s * 100.0}  # same shape of spectrum, 10⁴ times the energy
+    costs = {"small": 10, "big": 10}
+    assert allocate_ranks(spectra, costs, 60, normalise=True) == {"small": 3, "big": 3}
+    raw = allocate_ranks(spectra, costs, 60, normalise=False)
+    assert raw == {"small": 2, "big": 4}
+    assert allocate_ranks(spectra, costs, 79) == {"small": 4, "big": 3}  # ties go to the first-named matrix
+
+
+def test_allocate_ranks_errors():
+    s = {"a": torch.ones(3, dtype=F64)}
+    with pytest.raises(ValueError, match="over the budget"):
+        allocate_ranks(s, {"a": 10}, 5)
+    with pytest.raises(ValueError, match="cost"):
+        allocate_ranks(s, {}, 50)
+    with pytest.raises(ValueError, match="max rank"):
+        allocate_ranks(s, {"a": 1}, 50, max_ranks={"a": 4})
