@@ -7,6 +7,7 @@ linears' parameters to remove, in [0, 1)``.
 from __future__ import annotations
 
 import copy
+import datetime
 import difflib
 import hashlib
 from pathlib import Path
@@ -75,16 +76,58 @@ class TextSource(_Strict):
         return self.path if self.path is not None else f"dataset:{self.dataset}/{self.subset}/{self.split}"
 
 
+class LogsSource(_Strict):
+    uri: str = Field(description="JSON-lines request logs: a file, a folder of *.jsonl/.ndjson/.json[.gz] files (any "
+                     "depth) or a glob; a local path or fsspec URI (s3://...)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. client_kwargs.endpoint_url")
+    since: datetime.datetime | None = Field(None, description="only requests at or after this time (ISO 8601, naive is "
+                                            "UTC): files modified earlier are skipped, records by timestamp_field")
+    text_field: str = Field("text", description="field of plain-text log lines ({text_field: ...})")
+    timestamp_field: str = Field("timestamp", description="record field with the request time (unix s or ms, ISO 8601)")
+    requests: int | None = Field(None, ge=1, description="requests to pick (default: as many as fill num_sequences x seq_len)")
+    rendering: Literal["auto", "template", "plain"] = Field(
+        "auto", description="chat requests: auto (the tokenizer's chat template where it has one), template "
+        "(required), plain ('role: content' lines)")
+    language_floor: float = Field(0.05, ge=0.0, le=0.5, description="each language bucket gets at least this share of "
+                                  "the picks (or all its requests), in [0, 0.5]")
+
+
 class CalibrationConfig(TextSource):
+    logs: LogsSource | None = Field(None, description="production request logs instead of path/dataset; select "
+                                    "defaults to k-center (nesta_ray/requestlogs.py)")
     num_sequences: int = Field(256, ge=1, description="number of calibration windows")
     seq_len: int = Field(512, ge=8, description="tokens per calibration window")
     num_windows: int | None = Field(None, ge=1, description="size of the window range to draw from (default: to the end)")
-    select: Literal["random", "first"] = Field("random", description="draw windows at random (seeded) or take the first ones")
+    select: Literal["random", "first", "k-center", "stratified"] = Field(
+        "random", description="text: draw windows at random (seeded) or take the first ones; logs: k-center (default; "
+        "language/length quotas, farthest-point picks), stratified (same quotas, random picks), random or first requests")
     seed: int = 0
     micro_batch: int = Field(4, ge=1, description="windows per forward pass")
     mode: Literal["original", "propagate"] = Field(
         "original", description="original: statistics of the dense model; propagate: inputs pass through layers already compressed"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _logs_select(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("logs") is not None and "select" not in data:
+            return {**data, "select": "k-center"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationConfig:
+        if sum(x is not None for x in (self.path, self.dataset, self.logs)) != 1:
+            raise ValueError("give exactly one of path (a local file), dataset (a datasets name) or logs (request logs)")
+        if self.logs is None and self.select in ("k-center", "stratified"):
+            raise ValueError(f"select {self.select} picks log requests; with path/dataset use random or first")
+        given = [f for f in ("text_field", "first_window", "num_windows", "subset") if f in self.model_fields_set]
+        if self.logs is not None and given:
+            raise ValueError(f"{', '.join(given)}: for path/dataset text only, not logs (the log lines' text field "
+                             "is calibration.logs.text_field)")
+        return self
+
+    def key(self) -> str:
+        return f"logs:{self.logs.uri}" if self.logs is not None else super().key()
 
 
 class EvalSet(TextSource):
@@ -147,7 +190,7 @@ class RuntimeConfig(_Strict):
 class JobConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
-    calibration: CalibrationConfig = Field(description="calibration text: a calibration section with path or dataset")
+    calibration: CalibrationConfig = Field(description="calibration text: a calibration section with path, dataset or logs")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(description="an output section with uri (local path, file:// or s3://)")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -181,7 +224,8 @@ class JobConfig(_Strict):
     def fingerprint(self) -> str:
         """sha256 of everything that changes the factors: model source, method and calibration settings."""
         payload = {"model": self.model.model_dump(exclude={"cache_dir", "storage_options"}),
-                   "method": self.method.model_dump(), "calibration": self.calibration.model_dump()}
+                   "method": self.method.model_dump(),
+                   "calibration": self.calibration.model_dump(exclude={"logs": {"storage_options"}})}
         return hashlib.sha256(repr(sorted(_flatten(payload).items())).encode()).hexdigest()
 
 

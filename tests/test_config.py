@@ -80,3 +80,24 @@ def test_fingerprint_changes_with_what_changes_the_factors():
     assert a.fingerprint() != validate(apply_overrides(BASE, ["method.ratio=0.3"])).fingerprint()
     assert a.fingerprint() != validate(apply_overrides(BASE, ["calibration.seed=1"])).fingerprint()
     assert a.fingerprint() == validate(apply_overrides(BASE, ["output.uri=elsewhere"])).fingerprint()
+
+
+def test_calibration_logs_source_is_exclusive_and_defaults_to_k_center():
+    logs = {"calibration": {"logs": {"uri": "s3://b/logs/*.jsonl", "since": "2024-06-01T00:00:00"}},
+            "output": {"uri": "out"}}
+    cal = validate(logs).calibration
+    assert cal.select == "k-center" and cal.key() == "logs:s3://b/logs/*.jsonl" and cal.logs.since.year == 2024
+    assert validate(apply_overrides(logs, ["calibration.select=random"])).calibration.select == "random"
+    assert "exactly one of path" in _error({**BASE, "calibration": {"path": "c.txt", "logs": {"uri": "l"}}})
+    assert "select k-center picks log requests" in _error({**BASE, "calibration": {"path": "c", "select": "k-center"}})
+    msg = _error({**BASE, "calibration": {"logs": {"uri": "l"}, "num_windows": 4}})
+    assert msg.startswith("calibration: num_windows: for path/dataset text only") and "calibration.logs.text_field" in msg
+    assert _error({**BASE, "calibration": {"logs": {"uri": "l", "language_floor": 0.9}}}).startswith(
+        "calibration.logs.language_floor: ")
+
+
+def test_logs_credentials_do_not_change_the_fingerprint():
+    logs = {"calibration": {"logs": {"uri": "s3://b/l"}}, "output": {"uri": "out"}}
+    a = validate(logs).fingerprint()
+    assert a == validate(apply_overrides(logs, ["calibration.logs.storage_options.key=other"])).fingerprint()
+    assert a != validate(apply_overrides(logs, ["calibration.logs.language_floor=0.1"])).fingerprint()
