@@ -360,6 +360,7 @@ def quotas(sizes: dict[str, int], n: int, floor: float) -> dict[str, int]:
 
 def k_center(X: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
     """Greedy farthest-point k-center on rows of X (m, d) from a seeded random first row; picks in order."""
+    X = X.astype(np.float64)
     sq = np.einsum("ij,ij->i", X, X)
     chosen = [int(rng.integers(len(X)))]
     dist = np.maximum(sq + sq[chosen[0]] - 2 * X @ X[chosen[0]], 0)
@@ -396,6 +397,7 @@ def select(X: np.ndarray, langs: list[str], lengths: list[str], n: int, method: 
 
 def coverage(X: np.ndarray, chosen: list[int], chunk: int = 4096) -> np.ndarray:
     """Euclidean distance (m,) from every row of X (m, d) to its nearest chosen row."""
+    X = X.astype(np.float64)
     C = X[chosen]
     cc = np.einsum("ij,ij->i", C, C)
     out = np.empty(len(X), dtype=np.float64)
