@@ -1,10 +1,11 @@
 """Job metrics through ``ray.util.metrics``: one ``JobMetrics`` per job, usable in the driver and inside actors.
 
 Ray exports each metric at every node's Prometheus endpoint (``ray start --metrics-export-port``) as
-``ray_<name>``, counters with a ``_total`` suffix, with Ray's own labels (``SessionName``, ``instance``, ...)
-added to ours. Every series carries the job's ``job``, ``run_id`` and ``model`` tags; per-layer series add
-``layer``, fallbacks add ``kind``. Gauges live as long as the process that set them (a shard actor's per-layer
-gauges disappear when the actor exits; Prometheus keeps what it scraped), counters accumulate per process.
+``ray_<name>``, counters with a ``_total`` suffix, with Ray's own labels (``SessionName``, ``WorkerId``, ...)
+added to ours. Every series carries the job's ``job_name``, ``run_id`` and ``model`` tags (not ``job``: Prometheus
+sets ``job`` to the scrape job and would rename ours to ``exported_job``); per-layer series add
+``layer``, fallbacks add ``kind``. Each process records its own series (Ray's ``WorkerId`` label), so queries sum
+counters and take the max of gauges over it (cluster/grafana-dashboard.json does).
 
 Ray must be initialised (driver) or the code must run in a Ray worker: metrics recorded without Ray would be
 dropped silently, so ``JobMetrics`` refuses to be created without it.
@@ -18,7 +19,7 @@ from typing import Mapping
 import ray
 from ray.util.metrics import Counter, Gauge, Metric
 
-JOB_TAGS = ("job", "run_id", "model")
+JOB_TAGS = ("job_name", "run_id", "model")
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,10 @@ class JobMetrics:
     Raises RuntimeError when created outside a Ray driver or worker.
     """
 
-    def __init__(self, job: str, run_id: str, model: str) -> None:
+    def __init__(self, job_name: str, run_id: str, model: str) -> None:
         if not ray.is_initialized():
             raise RuntimeError("JobMetrics needs Ray: call ray.init() (the job driver's ensure_ray) before creating it")
-        self.tags = {"job": job, "run_id": run_id, "model": model}
+        self.tags = {"job_name": job_name, "run_id": run_id, "model": model}
         self._metrics: dict[str, Metric] = {
             s.name: (Counter if s.kind == "counter" else Gauge)(s.name, s.description, JOB_TAGS + s.tags)
             for s in SPECS

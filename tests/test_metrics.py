@@ -1,6 +1,8 @@
 """JobMetrics on a real `ray start --head` node: values recorded in a driver and in an actor reach the node's
-Prometheus endpoint under the exported names that cluster/grafana-dashboard.json uses."""
+Prometheus endpoint under the exported names that cluster/grafana-dashboard.json uses, and the node lists that
+endpoint in the discovery file cluster/prometheus.yml reads."""
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from nesta_ray.metrics import EXPORTED_NAMES, SPECS
@@ -65,21 +68,22 @@ def _scrape(port: int) -> dict[str, list]:
     return out
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def head():
     """A head node with its own ports (the suite's local Ray holds the defaults) and a short temp dir. Stopped by
     SIGTERM to `ray start` alone, which stops its children in ~2 s (signalling the whole group takes ~33 s); then
     anything left in its own process group is killed."""
-    gcs, metrics = _free_port(), _free_port()
+    gcs, metrics, dashboard = _free_port(), _free_port(), _free_port()
     temp = Path("/tmp") / f"nrm-{os.getpid()}-{gcs}"  # Ray's socket paths have a length limit
     proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus", "1", "--port", str(gcs), "--include-dashboard", "false",
+        [RAY, "start", "--head", "--block", "--num-cpus", "1", "--port", str(gcs), "--include-dashboard", "true",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
          "--temp-dir", str(temp), "--dashboard-agent-listen-port", str(_free_port()),
          "--dashboard-agent-grpc-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
          "--metrics-export-port", str(metrics)],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        yield f"127.0.0.1:{gcs}", metrics
+        yield f"127.0.0.1:{gcs}", metrics, temp
     finally:
         proc.terminate()
         try:
@@ -93,7 +97,7 @@ def head():
 
 
 def test_driver_and_actor_metrics_reach_the_prometheus_endpoint(head):
-    address, port = head
+    address, port, _ = head
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, address], env=ENV, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -114,7 +118,7 @@ def test_driver_and_actor_metrics_reach_the_prometheus_endpoint(head):
     def values(name: str, **labels: str) -> list[float]:
         return [s.value for s in samples[name] if all(s.labels.get(k) == v for k, v in labels.items())]
 
-    job = {"job": "nightly", "run_id": "run-1", "model": "smollm2<135m>"}
+    job = {"job_name": "nightly", "run_id": "run-1", "model": "smollm2<135m>"}
     assert all(s.labels[k] == v for v_list in samples.values() for s in v_list for k, v in job.items())
     assert sum(values("ray_nesta_layers_done_total")) == 2  # one from the actor, one from the driver
     assert sum(values("ray_nesta_bytes_written_total")) == 1024
@@ -138,3 +142,15 @@ def test_job_metrics_refuse_to_start_without_ray():
     code = "from nesta_ray.metrics import JobMetrics; JobMetrics('j', 'r', 'm')"
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "RuntimeError: JobMetrics needs Ray: call ray.init()" in out.stderr
+
+
+def test_head_lists_its_metrics_endpoint_where_prometheus_yml_looks(head):
+    _, port, temp = head
+    prom = yaml.safe_load((REPO / "cluster" / "prometheus.yml").read_text())
+    (path,) = next(j for j in prom["scrape_configs"] if j["job_name"] == "ray")["file_sd_configs"][0]["files"]
+    local = temp / Path(path).relative_to("/tmp/ray")  # /tmp/ray is Ray's default --temp-dir
+    deadline = time.time() + 60
+    while time.time() < deadline and not local.exists():
+        time.sleep(1)
+    targets = [t for group in json.loads(local.read_text()) for t in group["targets"]]
+    assert f"127.0.0.1:{port}" in targets
