@@ -203,3 +203,16 @@ def test_all_bad_lines_or_no_match_raise_one_line_data_errors(tmp_path, tokenize
     _write(small, [{"text": "tiny"}, {"text": "tiny"}])
     with pytest.raises(DataError, match="lower calibration.num_sequences or seq_len"):
         rl.log_calibration_ids(str(small), tokenizer, num_sequences=2, seq_len=64)
+
+
+def test_a_logs_config_section_drives_the_windows(logs, tokenizer):
+    """The call the driver makes: calibration.logs fields are log_calibration_ids keywords."""
+    from nesta_ray.config import validate
+
+    folder, _ = logs
+    c = validate({"calibration": {"logs": {"uri": str(folder), "since": "2024-01-01", "language_floor": 0.1},
+                                  "num_sequences": 4, "seq_len": 64, "seed": 3}, "output": {"uri": "out"}}).calibration
+    ids, report = rl.log_calibration_ids(tokenizer=tokenizer, num_sequences=c.num_sequences, seq_len=c.seq_len,
+                                         seed=c.seed, select_method=c.select, **c.logs.model_dump())
+    direct, _ = rl.log_calibration_ids(str(folder), tokenizer, num_sequences=4, seq_len=64, seed=3, language_floor=0.1)
+    assert report.method == "k-center" and torch.equal(ids, direct)
