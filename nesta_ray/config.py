@@ -185,6 +185,25 @@ class RuntimeConfig(_Strict):
     device_memory_gb: float | None = Field(None, gt=0, description="memory of one worker's GPU; the plan refuses a job that exceeds it")
     host_memory_gb: float | None = Field(None, gt=0, description="host memory per worker; the plan refuses a job that exceeds it")
     rates: RatesConfig | None = Field(None, description="throughputs for the time estimate (default: measured on this machine)")
+    backend: Literal["layerwise", "deepspeed"] = Field(
+        "layerwise", description="how a layer shard runs its forward: layerwise (its layers read from safetensors, "
+        "one layer on the device at a time) or deepspeed (ZeRO-Inference: ZeRO stage 3 with parameters offloaded; "
+        "needs runtime.workers >= 1)")
+    offload: Literal["cpu", "nvme"] = Field("cpu", description="deepspeed backend: where ZeRO-3 keeps the parameters "
+                                            "(cpu: host memory, pinned where there is a GPU; nvme: runtime.nvme_path)")
+    nvme_path: str | None = Field(None, description="deepspeed backend with offload nvme: a local NVMe folder for "
+                                  "the swapped-out parameters")
+
+    @model_validator(mode="after")
+    def _backend(self) -> RuntimeConfig:
+        if self.backend == "deepspeed" and self.workers < 1:
+            raise ValueError("backend deepspeed runs inside layer-shard actors; set runtime.workers >= 1 or use "
+                             "backend layerwise")
+        if self.offload == "nvme" and self.backend != "deepspeed":
+            raise ValueError("offload nvme is a deepspeed option; set runtime.backend=deepspeed or offload cpu")
+        if self.offload == "nvme" and not self.nvme_path:
+            raise ValueError("offload nvme needs runtime.nvme_path, a local folder on an NVMe drive")
+        return self
 
 
 class JobConfig(_Strict):

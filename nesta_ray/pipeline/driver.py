@@ -27,6 +27,7 @@ from nesta_ray.errors import ConfigError
 from nesta_ray.evaluate import generate, perplexity
 from nesta_ray.gate import check_gate, read_cases, run_cases
 from nesta_ray.models import LowRankLinear, arch_for
+from nesta_ray.pipeline.backends import BackendSpec
 from nesta_ray.pipeline.layerwise import MethodArgs, compress_layerwise, install_factors
 from nesta_ray.pipeline.reducer import tied_aliases, write_from_stage
 from nesta_ray.pipeline.plan import ModelShape, Plan, Rates, check_fit, make_plan, shard_report
@@ -199,6 +200,7 @@ def _compress(cfg: JobConfig, folder: str, model: torch.nn.Module | None, spec, 
         progress.add_task(f"calibrate + decompose on {cfg.runtime.workers} layer shards", total=None)
         out = compress_sharded(folder, plan, calib, workers=cfg.runtime.workers, micro_batch=cal.micro_batch,
                                mode=cal.mode, args=args, dtype=cfg.model.dtype, stage=stage_ref,
+                               backend=BackendSpec(cfg.runtime.backend, cfg.runtime.offload, cfg.runtime.nvme_path),
                                fail_at_layer=cfg.runtime.fail_at_layer)
         timings.update(out["timings"])
         computed = out["computed"]  # fewer than planned when a restarted shard found layers staged

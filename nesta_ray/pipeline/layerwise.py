@@ -18,7 +18,7 @@ import ray
 import torch
 from torch import nn
 
-from nesta_ray.calibration import InputStatistics
+from nesta_ray.calibration import GramAccumulator, InputStatistics
 from nesta_ray.errors import NestaError
 from nesta_ray.models import ArchSpec, LowRankLinear, capture_layer_inputs, decoder_layers, group_inputs, run_layer, set_submodule
 from nesta_ray.pipeline.plan import ModulePlan, Plan
@@ -68,6 +68,31 @@ def run_with_statistics(layer: nn.Module, spec: ArchSpec, groups: Mapping[str, A
         outputs = [run_layer(layer, h, kw) for h, kw in batches]
     accs = stats.accumulators
     return outputs, {g: a.gram().numpy() for g, a in accs.items()}, {g: a.abs_mean().numpy() for g, a in accs.items()}
+
+
+class HostGramAccumulator(GramAccumulator):
+    """A ``GramAccumulator`` whose fp64 sums (n, n) and (n,) stay in host memory while each batch's fp32 product
+    runs on the input's device: a GPU holds one product, not the sums of every layer. The numbers are those of
+    ``GramAccumulator`` (the same fp32 product, added in fp64)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n, device="cpu")
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.width).to(torch.float32)  # (T, n)
+        self.gram_sum.add_((x.T @ x).cpu())
+        self.abs_sum.add_(x.abs().sum(dim=0).cpu())
+        self.tokens += x.shape[0]
+
+
+def host_statistics(modules: Mapping[str, nn.Module], accumulators: dict[str, GramAccumulator]) -> InputStatistics:
+    """Gram hooks on ``modules`` (group -> linear) that add into ``accumulators`` (group -> accumulator, created
+    on the host at first use), so statistics can grow over many calls."""
+    for group, module in modules.items():
+        accumulators.setdefault(group, HostGramAccumulator(module.in_features))
+    stats = InputStatistics(modules)
+    stats.accumulators = accumulators
+    return stats
 
 
 def submit_groups(model: nn.Module, groups: dict[str, list[ModulePlan]], grams: dict[str, Any],

@@ -1,10 +1,12 @@
-"""A layer-shard worker: owns a contiguous range of decoder layers, reads only their weights, calibrates them
-layer by layer over every micro-batch, decomposes them and stages each finished layer. A plain class; the driver
-makes it a Ray actor (restartable: a restarted shard recomputes only the layers that are not staged).
+"""A layer-shard worker: owns a contiguous range of decoder layers, gathers their input statistics, decomposes them
+and stages each finished layer. A plain class; the driver makes it a Ray actor (restartable: a restarted shard
+recomputes only the layers that are not staged). Where the weights live and how a layer runs on the device is the
+backend's business (``backends.py``); this class only orchestrates.
 
-Weights stream from the source's safetensors files (memory-mapped ``safe_open``: only this shard's tensors are
-read). Hidden states arrive as numpy arrays (zero-copy through Ray's object store) with the layer keyword
-arguments the first shard captured.
+Hidden states arrive one micro-batch per call as numpy arrays (zero-copy through Ray's object store) with the
+layer keyword arguments the first shard captured. ``original`` mode is batch-major (``forward``: one micro-batch
+through every layer of the shard, so shards pipeline); ``propagate`` mode is layer-major (``calibrate``: a layer's
+Gram is complete before it is compressed and its outputs recomputed).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from nesta_ray.models import ArchSpec, arch_for, capture_layer_inputs, decoder_layers, run_layer
-from nesta_ray.pipeline.layerwise import MethodArgs, group_weights, install_factors, run_with_statistics
+from nesta_ray.calibration import GramAccumulator
+from nesta_ray.pipeline.backends import BackendSpec, open_backend, to_device
+from nesta_ray.pipeline.layerwise import MethodArgs, host_statistics
 from nesta_ray.pipeline.plan import Plan
 from nesta_ray.pipeline.staging import LayerStage
 from nesta_ray.pipeline.tasks import decompose_group_arrays
-from nesta_ray.sources import read_tensors, weight_files
 
 Batch = tuple[np.ndarray, dict[str, Any]]  # hidden states (b, t, d) and layer kwargs
 
@@ -47,98 +49,119 @@ class LayerShard:
     """
 
     def __init__(self, folder: str, layers: list[int], plan: Plan, *, first: bool, dtype: str, args: MethodArgs,
-                 mode: str, stage: StageRef, fail_at_layer: int | None = None) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
+                 mode: str, stage: StageRef, backend: BackendSpec = BackendSpec(),
+                 fail_at_layer: int | None = None) -> None:
         start = time.perf_counter()
         torch.set_num_threads(args.threads)
         self.args, self.mode, self.layers, self.plan = args, mode, layers, plan
         self.stage, self.fail_at_layer = stage.open(), fail_at_layer
-        config = AutoConfig.from_pretrained(folder)
-        self.spec: ArchSpec = arch_for(config.model_type)
-        with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-        files = weight_files(folder)
-        backbone_path = self.spec.layers.rsplit(".", 1)[0]
-        all_layers = decoder_layers(self.model, self.spec)
-        for i in layers:
-            self._materialise(folder, files, all_layers[i], f"{self.spec.layers}.{i}.")
-        if first:
-            backbone = self.model.get_submodule(backbone_path)
-            self._materialise(folder, files, backbone.embed_tokens, f"{backbone_path}.embed_tokens.")
-            backbone.rotary_emb = type(backbone.rotary_emb)(config=config)  # its buffers are computed, not stored
-        self.stats: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.backend = open_backend(backend, folder, layers, first=first, dtype=dtype)
+        self.grams: dict[int, dict[str, GramAccumulator]] = {}  # layer -> group -> fp64 sums on the host
+        self.seen = 0  # micro-batches accumulated in order by ``forward``
+        self.staged_at_start = self.stage.done()
         self.seconds = {"load": time.perf_counter() - start, "calibration": 0.0, "decomposition": 0.0}
         self.computed: list[int] = []
         self.task_seconds: list[float] = []  # per linear, as measured inside the decomposition
 
-    @staticmethod
-    def _materialise(folder: str, files: dict[str, str], module: torch.nn.Module, prefix: str) -> None:
-        module.to_empty(device="cpu")
-        module.load_state_dict(read_tensors(folder, prefix, files), strict=True)
+    def embed(self, ids: np.ndarray) -> Batch:
+        """Token windows (b, L) of one micro-batch -> (hidden states entering layer 0, layer kwargs)."""
+        hidden, kwargs = self.backend.embed(torch.from_numpy(ids))
+        return hidden.numpy(), kwargs
 
-    def embed(self, ids: np.ndarray, micro_batch: int) -> list[Batch]:
-        """Token windows (N, L) -> per micro-batch (hidden states entering layer 0, layer kwargs)."""
-        out = []
-        with torch.no_grad():
-            for i in range(0, ids.shape[0], micro_batch):
-                hidden, kwargs = capture_layer_inputs(self.model, self.spec, torch.from_numpy(ids[i : i + micro_batch]))
-                out.append((hidden.numpy(), kwargs))
-        return out
+    def _wanted(self, done: set[int]) -> dict[int, list[str]]:
+        """Layers whose statistics are still needed, with their input groups."""
+        return {i: list(self.plan.for_layer(i)) for i in self.layers if self.plan.for_layer(i) and i not in done}
 
-    def calibrate(self, batches: list[Batch]) -> list[Batch]:
-        """Run every micro-batch through this shard's layers, one layer at a time, gathering the input statistics
-        of layers not yet staged. In ``propagate`` mode each layer is compressed (or its staged factors installed)
-        before its outputs are computed. Returns the outputs of the shard's last layer, for the next shard."""
+    def _run(self, i: int, batches: list[tuple[torch.Tensor, dict]], record: bool) -> list[torch.Tensor]:
+        """Layer ``i`` over ``batches`` (on the device), adding to its Grams when ``record``."""
+        groups = self.plan.for_layer(i)
+        modules = {g: m for g, m in self.backend.inputs_of(i).items() if g in groups} if record else {}
+        accumulators = self.grams.setdefault(i, {}) if record else {}
+        with torch.no_grad(), self.backend.loaded(i), host_statistics(modules, accumulators):
+            return [self.backend.run(i, h, kw) for h, kw in batches]
+
+    def _on_device(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        hidden, kwargs = batch
+        return torch.tensor(hidden, device=self.backend.device), to_device(kwargs, self.backend.device)
+
+    def forward(self, index: int, batch: Batch) -> Batch:
+        """Original mode: micro-batch ``index`` through every layer of the shard, adding to the Grams of layers
+        not staged yet; returns the last layer's outputs for the next shard. Micro-batches must come in order
+        0, 1, ...; one that does not (a restarted shard that lost earlier ones) passes through without statistics
+        and ``decompose`` calibrates again from all inputs."""
         start = time.perf_counter()
-        current = [(torch.from_numpy(h.copy()), kw) for h, kw in batches]
-        layers = decoder_layers(self.model, self.spec)
-        done = self.stage.done()
+        record = index == self.seen
+        wanted = self._wanted(self.staged_at_start) if record else {}
+        hidden, kwargs = self._on_device(batch)
         for i in self.layers:
-            groups = self.plan.for_layer(i)
-            outputs, grams, abs_means = run_with_statistics(layers[i], self.spec, {} if i in done else groups, current)
-            if grams:
-                self.stats[i] = {g: (grams[g], abs_means[g]) for g in grams}
-            if self.mode == "propagate" and groups:
-                self.seconds["calibration"] += time.perf_counter() - start
-                if i in done:
-                    install_factors(self.model, self.stage.get(i))
-                else:
-                    self._decompose_layer(i)
-                start = time.perf_counter()
-                with torch.no_grad():
-                    outputs = [run_layer(layers[i], h, kw) for h, kw in current]
-            current = [(out, kw) for out, (_, kw) in zip(outputs, current)]
+            hidden = self._run(i, [(hidden, kwargs)], i in wanted)[0]
+        self.seen += record
         self.seconds["calibration"] += time.perf_counter() - start
-        return [(h.numpy(), kw) for h, kw in current]
+        return hidden.cpu().numpy(), batch[1]
+
+    def calibrate(self, *batches: Batch) -> Batch | tuple[Batch, ...]:
+        """Every micro-batch through the shard one layer at a time, gathering the statistics of layers not staged
+        yet. In ``propagate`` mode each layer is compressed (or its staged factors installed) before its outputs
+        are computed. Returns the shard's outputs, one per micro-batch (the value itself for one micro-batch, as
+        Ray's ``num_returns=1`` expects)."""
+        start = time.perf_counter()
+        self.grams.clear()
+        current = [self._on_device(b) for b in batches]
+        done = self.stage.done()
+        wanted = self._wanted(done)
+        for i in self.layers:
+            if self.mode == "propagate" and i in done and self.plan.for_layer(i):
+                self.backend.install(i, self.stage.get(i))  # later layers must see this layer compressed
+            outputs = self._run(i, current, i in wanted)
+            if self.mode == "propagate" and i in wanted:
+                self.seconds["calibration"] += time.perf_counter() - start
+                self._decompose_layer(i)
+                start = time.perf_counter()
+                outputs = self._run(i, current, record=False)
+            current = [(out, kw) for out, (_, kw) in zip(outputs, current)]
+        self.seen = len(batches)
+        self.seconds["calibration"] += time.perf_counter() - start
+        outs = tuple((h.cpu().numpy(), kw) for (h, _), (_, kw) in zip(current, batches))
+        return outs[0] if len(outs) == 1 else outs
 
     def _decompose_layer(self, i: int) -> None:
         start = time.perf_counter()
         a, layer_results = self.args, {}
         for group, plans in self.plan.for_layer(i).items():
-            gram, abs_mean = self.stats[i].pop(group)
-            part = decompose_group_arrays(group_weights(self.model, plans), {p.name: p.rank for p in plans},
+            acc = self.grams[i].pop(group)
+            gram, abs_mean = acc.gram().numpy(), acc.abs_mean().numpy()  # (n, n), (n,) float64
+            del acc
+            part = decompose_group_arrays(self.backend.weights(i, plans), {p.name: p.rank for p in plans},
                                           a.method, gram, abs_mean, a.k1_fraction, a.damping, a.alpha, a.threads)
             self.task_seconds += [r["seconds"] for r in part.values()]
             layer_results.update(part)
-        del self.stats[i]
-        install_factors(self.model, layer_results)
+        del self.grams[i]
+        if self.mode == "propagate":
+            self.backend.install(i, layer_results)
+        else:
+            self.backend.release(i)  # original mode: this shard will not run the layer again
         if self.fail_at_layer == i and self.stage.mark(f"fault-injected-{i}"):
             os._exit(1)  # simulate a worker dying mid-layer: nothing of this layer is staged
         self.stage.put(i, layer_results)
         self.computed.append(i)
         self.seconds["decomposition"] += time.perf_counter() - start
 
-    def decompose(self, batches: list[Batch]) -> dict[str, Any]:
-        """Decompose and stage every planned layer not staged yet. ``batches`` are this shard's inputs: a
-        restarted shard has lost its statistics and calibrates again before decomposing. Returns the layers
-        computed here and the phase seconds."""
+    def decompose(self, *batches: Batch) -> dict[str, Any]:
+        """Decompose and stage every planned layer not staged yet. ``batches`` are this shard's inputs: a shard
+        that did not see all of them in order (a restarted one) calibrates again before decomposing. Returns the
+        layers computed here, the phase seconds and the peak memory."""
         missing = [i for i in self.layers if self.plan.for_layer(i) and i not in self.stage.done()]
-        if any(i not in self.stats for i in missing):
-            self.calibrate(batches)
+        if missing and (self.seen != len(batches) or any(i not in self.grams for i in missing)):
+            self.calibrate(*batches)
         for i in missing:
-            if i in self.stats:
+            if i in self.grams:
                 self._decompose_layer(i)
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+        device = self.backend.device
         return {"computed": list(self.computed), "seconds": dict(self.seconds), "peak_rss_bytes": peak_kib * 1024,
-                "decompose_seconds": sum(self.task_seconds)}
+                "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                "device": str(device), "decompose_seconds": sum(self.task_seconds)}
+
+    def close(self) -> None:
+        """Free the backend (DeepSpeed's engine); the actor is killed after."""
+        self.backend.close()
