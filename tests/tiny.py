@@ -44,3 +44,31 @@ def save_llama70b_twin(folder: Path, tokenizer_folder: str) -> str:
     for name in TOKENIZER_FILES:
         shutil.copy(Path(tokenizer_folder) / name, folder / name)
     return str(folder)
+
+
+def tiny_family(model_type: str, layers: int = 3, vocab: int = 49152, seed: int = 0):
+    """A random causal LM of ``model_type`` ("gemma3_text" or "qwen2") whose layers mix sliding-window (8 tokens)
+    and global attention, so that layer inputs differ by layer type; hidden 64, 4 heads / 2 KV heads, tied."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=1024, tie_word_embeddings=True,
+                  sliding_window=8)
+    if model_type == "gemma3_text":  # Gemma-3's pattern (global every 6th) at 3 layers: sliding, global, sliding
+        extra = dict(head_dim=16, query_pre_attn_scalar=16,
+                     layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(layers)])
+    elif model_type == "qwen2":  # global first layer, sliding after it
+        extra = dict(use_sliding_window=True, max_window_layers=1)
+    else:
+        raise ValueError(f"no tiny recipe for {model_type!r}")
+    config = AutoConfig.for_model(model_type, **common, **extra)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def save_tiny_family(folder: Path, tokenizer_folder: str, model_type: str, layers: int = 3) -> str:
+    """Save ``tiny_family(model_type, layers)`` plus a real tokenizer (copied from ``tokenizer_folder``)."""
+    tiny_family(model_type, layers).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(tokenizer_folder) / name, folder / name)
+    return str(folder)
