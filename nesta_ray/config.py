@@ -166,6 +166,13 @@ class GateConfig(_Strict):
         return self
 
 
+class NightlyConfig(_Strict):
+    drift_threshold: float = Field(0.5, ge=0.0, description="recompress when a layer's drift score exceeds this "
+                                   "(geometric-mean ratio of tonight's relative error to the published one, minus 1)")
+    sample_sequences: int = Field(16, ge=1, description="windows of tonight's calibration text to score drift on")
+    keep_runs: int = Field(3, ge=1, description="runs kept under output.uri/runs (the published one is always kept)")
+
+
 class RatesConfig(_Strict):
     matmul_gflops: float = Field(gt=0, description="fp32 matmul throughput of one worker, GFLOP/s")
     svd_gflops: float = Field(gt=0, description="fp64 SVD throughput of one worker, GFLOP/s")
@@ -214,6 +221,8 @@ class JobConfig(_Strict):
     output: OutputConfig = Field(description="an output section with uri (local path, file:// or s3://)")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     gate: GateConfig | None = Field(None, description="publish (move latest) only when these quality checks pass")
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig, description="python -m nesta_ray.nightly: when "
+                                   "to recompress, how many runs to keep")
 
     @model_validator(mode="after")
     def _disjoint(self) -> JobConfig:

@@ -8,11 +8,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "nesta_ray"
 # Each module may import only modules listed before it.
 ORDER = ["errors", "decompose", "calibration", "models", "storage", "sources", "data", "requestlogs", "checkpoint", "config",
-         "report", "plots", "html_report", "evaluate", "gate", "metrics", "pipeline.tasks", "pipeline.plan", "pipeline.staging", "pipeline.layerwise",
-         "pipeline.backends", "pipeline.shard", "pipeline.sharded", "pipeline.reducer", "pipeline.driver", "compress"]
+         "report", "plots", "html_report", "evaluate", "gate", "drift", "metrics", "pipeline.tasks", "pipeline.plan", "pipeline.staging", "pipeline.layerwise",
+         "pipeline.backends", "pipeline.shard", "pipeline.sharded", "pipeline.reducer", "pipeline.driver", "compress", "nightly"]
 # Third-party packages allowed only in these modules.
 BOUNDARIES = {"ray": {"metrics", "pipeline.layerwise", "pipeline.sharded", "pipeline.driver"}, "fsspec": {"storage"},
-              "transformers": {"sources", "checkpoint", "pipeline.backends", "pipeline.driver", "compress"},
+              "transformers": {"sources", "checkpoint", "pipeline.backends", "pipeline.driver", "compress", "nightly"},
               "deepspeed": {"pipeline.backends"}}
 PURE = {"decompose", "calibration"}  # stdlib + torch + errors only
 

@@ -1,0 +1,106 @@
+"""Nightly recompression on the local S3 server: publish, skip on the same traffic, recompress on Japanese traffic,
+publish nothing when the gate fails; drift scores and run pruning."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nesta_ray.config import validate
+from nesta_ray.drift import layer_scores, relative_error
+from nesta_ray.errors import NumericalError
+from nesta_ray.nightly import main as nightly_main
+from nesta_ray.nightly import run_night
+from nesta_ray.storage import list_names, list_runs, read_bytes, url_to_fs
+
+CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+
+
+def test_relative_error_and_layer_scores():
+    torch.manual_seed(0)
+    W, X = torch.randn(6, 5, dtype=torch.float64), torch.randn(40, 5, dtype=torch.float64)
+    G = X.T @ X / 40
+    U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+    A, B = U[:, :3] * s[:3], Vh[:3]
+    E = W - A @ B
+    assert relative_error(W, A, B, G) == pytest.approx(float(torch.trace(E @ G @ E.T) / torch.trace(W @ G @ W.T)))
+    assert relative_error(W, U * s, Vh, G) == pytest.approx(0.0, abs=1e-20)
+    scores = layer_scores({"a": 0.1, "b": 0.2, "c": 0.3}, {"a": 0.2, "b": 0.8, "c": 0.3}, {"a": 0, "b": 0, "c": 1})
+    assert scores[0] == pytest.approx(math.sqrt(2 * 4) - 1) and scores[1] == pytest.approx(0.0)
+    with pytest.raises(NumericalError, match="b: exact at compression time"):
+        layer_scores({"b": 0.0}, {"b": 0.1}, {"b": 0})
+
+
+@pytest.fixture(scope="module")
+def smol4_folder(tmp_path_factory, smollm_folder):
+    """The real SmolLM2-135M cut to its first 4 decoder layers (real activations, a sixth of the cost)."""
+    from nesta_ray.sources import load_model
+
+    model, tokenizer = load_model(smollm_folder)
+    model.model.layers = model.model.layers[:4]
+    model.config.num_hidden_layers = 4
+    folder = tmp_path_factory.mktemp("smol4")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _day(tmp_path: Path, name: str, corpus: str, start: int, chars: int = 60_000) -> str:
+    text = (CORPORA / corpus).read_text()[start : start + chars]
+    path = tmp_path / f"{name}.txt"
+    path.write_text(text)
+    return str(path)
+
+
+def _cfg(folder, out, calib_path, opts, **extra):
+    raw = {
+        "model": {"source": folder},
+        "method": {"name": "nsvd1", "ratio": 0.3},
+        "calibration": {"path": calib_path, "seq_len": 64, "num_sequences": 64, "micro_batch": 16},
+        "output": {"uri": out, "storage_options": opts},
+        "runtime": {"progress": False},
+        "nightly": {"drift_threshold": 0.5, "sample_sequences": 32, "keep_runs": 2},
+    }
+    raw.update(extra)
+    return raw
+
+
+@pytest.mark.slow
+def test_three_nights_and_a_failing_gate_on_s3(ray_local, smol4_folder, s3_server, tmp_path, capsys):
+    out = s3_server.make_bucket("nightly-out") + "/smol"
+    opts = s3_server.storage_options
+    day1 = _day(tmp_path, "day1", "en_web_c4_owt.txt", 0)
+    day2 = _day(tmp_path, "day2", "en_web_c4_owt.txt", 300_000)
+    day3 = _day(tmp_path, "day3", "ja_manpages.txt", 0)
+    day4 = _day(tmp_path, "day4", "en_wikipedia.txt", 0)
+
+    first = run_night(validate(_cfg(smol4_folder, out, day1, opts)))
+    assert first["decision"] == "recompress" and first["published"] and first["reason"] == "no published run yet"
+
+    second = run_night(validate(_cfg(smol4_folder, out, day2, opts)))
+    assert second["decision"] == "skip", second
+    assert second["drift"]["max"] <= 0.5 and len(second["drift"]["layers"]) == 4
+    assert second["baseline_source"].startswith("held-out windows") and first["baseline"]["tokens"] == 32 * 64
+
+    third = run_night(validate(_cfg(smol4_folder, out, day3, opts)))
+    assert third["decision"] == "recompress" and third["drift"]["max"] > 0.5 and third["published"]
+    fs, path = url_to_fs(out, opts)
+    assert read_bytes(f"{out}/latest", opts).decode().strip() == third["run_id"]
+
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(json.dumps({"name": "never", "prompt": "The", "expect": "§never§"}) + "\n")
+    config = tmp_path / "night4.yaml"
+    config.write_text(json.dumps(_cfg(smol4_folder, out, day4, opts, gate={"cases": str(cases), "max_new_tokens": 4})))
+    assert nightly_main(["--config", str(config)]) == 3
+    fourth = json.loads(capsys.readouterr().out)
+    assert fourth["decision"] == "recompress" and fourth["published"] is False and "never" in fourth["gate"]
+    assert read_bytes(f"{out}/latest", opts).decode().strip() == third["run_id"]  # nothing published
+
+    runs = list_runs(out, opts)
+    assert len(runs) == 2 and third["run_id"] in runs and fourth["run_id"] in runs  # keep_runs=2, oldest pruned
+    assert fourth["removed_runs"] == [first["run_id"]]
+    nights = list_names(f"{out}/nights", opts)
+    assert len(nights) == 4 and nights == sorted(nights)
+    print({"second": second["drift"], "third": third["drift"], "fourth": fourth["drift"]})
