@@ -195,7 +195,7 @@ class DeepSpeedBackend(_Backend):
     def __init__(self, folder: str, layers: list[int], *, first: bool, dtype: str, device: torch.device,
                  offload: str = "cpu", nvme_path: str | None = None) -> None:
         super().__init__(folder, layers, first=first, dtype=dtype, device=device)
-        deepspeed = _init_world(device)
+        deepspeed = init_world(device)
         largest = max(p.numel() for i in layers for p in decoder_layers(self.skeleton, self.spec)[i].parameters())
         self.config = ds_config(offload, nvme_path, pin=device.type == "cuda", largest_param=largest)
         built = {}
@@ -226,10 +226,10 @@ class DeepSpeedBackend(_Backend):
 
 def ds_config(offload: str, nvme_path: str | None, *, pin: bool, largest_param: int) -> dict:
     """A ZeRO-3 inference config: every parameter partitioned and offloaded (no persistence, no prefetch), NVMe
-    swap buffers large enough for the largest parameter."""
+    swap buffers the size of the largest parameter (numel)."""
     param: dict[str, Any] = {"device": offload, "pin_memory": pin}
     if offload == "nvme":
-        param.update(nvme_path=nvme_path, buffer_count=5, buffer_size=max(int(1e8), largest_param))
+        param.update(nvme_path=nvme_path, buffer_count=5, buffer_size=largest_param)
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": 3, "offload_param": param, "stage3_param_persistence_threshold": 0,
@@ -246,7 +246,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_world(device: torch.device):
+def init_world(device: torch.device):
     """Import DeepSpeed and make this process a distributed world of size 1 (gloo on CPU, NCCL on GPU)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no GPU here: say so instead of being warned

@@ -45,17 +45,19 @@ class StageRef:
 class LayerShard:
     """Decoder layers ``layers`` of the model in ``folder``; the first shard also embeds the token ids.
 
-    ``fail_at_layer`` (fault injection for tests) makes the process exit once, just before staging that layer.
+    ``device`` overrides the compute device (default: the GPU this process sees, else the CPU). ``fail_at_layer``
+    (fault injection for tests) makes the process exit once, just before staging that layer.
     """
 
     def __init__(self, folder: str, layers: list[int], plan: Plan, *, first: bool, dtype: str, args: MethodArgs,
-                 mode: str, stage: StageRef, backend: BackendSpec = BackendSpec(),
+                 mode: str, stage: StageRef, backend: BackendSpec = BackendSpec(), device: str | None = None,
                  fail_at_layer: int | None = None) -> None:
         start = time.perf_counter()
         torch.set_num_threads(args.threads)
         self.args, self.mode, self.layers, self.plan = args, mode, layers, plan
         self.stage, self.fail_at_layer = stage.open(), fail_at_layer
-        self.backend = open_backend(backend, folder, layers, first=first, dtype=dtype)
+        self.backend = open_backend(backend, folder, layers, first=first, dtype=dtype,
+                                    device=None if device is None else torch.device(device))
         self.grams: dict[int, dict[str, GramAccumulator]] = {}  # layer -> group -> fp64 sums on the host
         self.seen = 0  # micro-batches accumulated in order by ``forward``
         self.staged_at_start = self.stage.done()

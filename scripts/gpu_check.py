@@ -1,0 +1,226 @@
+"""GPU check: what only a GPU machine can verify about the layer shards, in one short run (well under 5 minutes
+on one GPU). On a machine without CUDA it runs the CPU parts and marks every GPU part "skipped" with the reason.
+
+On a random 4-layer Llama (hidden 512) saved as safetensors, one shard holding every layer, original mode:
+  cpu_layerwise            the CPU reference (layerwise backend)
+  gpu_layerwise            layers resident on the GPU, Grams summed in fp64 on the host
+  gpu_layerwise_streamed   the same with each layer moved to the GPU per call and back (residency off)
+  gpu_deepspeed_cpu        ZeRO-3 inference, parameters offloaded to pinned host memory (pinning recorded)
+  gpu_deepspeed_nvme       ZeRO-3 inference, parameters offloaded to NVMe (--nvme-path), when DeepSpeed's async_io
+                           op is available (it needs libaio); otherwise skipped with the reason
+  cpu_deepspeed            (CPU-only machines) ZeRO-3 on DeepSpeed's CPU accelerator with gloo
+  nccl                     the backend DeepSpeed initialised for the shard's world of size 1, and an all_reduce
+  ray_placement            compress_sharded with one shard on a local Ray: a GPU bundle when there is a GPU, and
+                           the actor's device
+Comparisons: Grams and factors bit-identical between the backends on one device, and the max relative difference
+of Grams and of A·B between GPU and CPU. Writes JSON to --out (default: $OUT/gpu_check.json if $OUT is set, else
+results/gpu_check.json) and exits 1 if a check failed or a comparison that must be exact was not.
+
+    python scripts/gpu_check.py [--out PATH] [--nvme-path DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nesta_ray.models import arch_for
+from nesta_ray.pipeline import backends
+from nesta_ray.pipeline.backends import BackendSpec
+from nesta_ray.pipeline.layerwise import MethodArgs
+from nesta_ray.pipeline.plan import make_plan
+from nesta_ray.pipeline.shard import LayerShard, StageRef
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ARGS = MethodArgs("nsvd1", 0.95, 1e-6, 0.5, threads=max(1, min(4, (os.cpu_count() or 2) // 2)))
+LAYERS = 4
+
+
+def tiny_folder(folder: Path) -> str:
+    """A random Llama (hidden 512, MLP 1376, GQA 8:2, 4 layers) as a safetensors folder; no tokenizer needed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=LAYERS, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def run_shard(folder: str, plan, ids: torch.Tensor, scratch: Path, name: str, spec: BackendSpec,
+              device: str) -> dict:
+    """One shard over every layer: Grams (fp64 sums), factors and timings, with the backend ``spec`` on ``device``."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    stage = StageRef(str(scratch / name), "check")
+    shard = LayerShard(folder, list(range(LAYERS)), plan, first=True, dtype="float32", args=ARGS, mode="original",
+                       stage=stage, backend=spec, device=device)
+    extra = {}
+    if spec.name == "deepspeed":
+        param = shard.backend.layer(0).self_attn.q_proj.weight
+        pinned = bool(param.ds_tensor.is_pinned()) if device == "cuda" else None
+        extra["offloaded_partition"] = {"device": str(param.ds_tensor.device), "pinned": pinned,
+                                        "visible_shape": list(param.shape)}
+    if spec.name == "layerwise":
+        extra["resident"] = shard.backend.resident
+    inputs = [shard.embed(ids[s : s + 2].numpy()) for s in range(0, ids.shape[0], 2)]
+    for b, batch in enumerate(inputs):
+        shard.forward(b, batch)
+    grams = {f"{i}.{g}": acc.gram_sum.clone() for i, accs in shard.grams.items() for g, acc in accs.items()}
+    summary = shard.decompose(*inputs)
+    shard.close()
+    staged = {k: v for i in range(LAYERS) for k, v in stage.open().get(i).items()}
+    return {"grams": grams, "factors": {k: (v["A"], v["B"]) for k, v in staged.items()},
+            "report": {"status": "ok", "device": summary["device"], "seconds": round(time.perf_counter() - start, 2),
+                       "peak_device_bytes": summary["peak_device_bytes"], **extra}}
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Bit-equality of Grams (when ``a`` has them) and factors, and max relative differences (Grams; A·B, which
+    is free of the factors' sign choices)."""
+    prod_rel = 0.0
+    for k, (A, B) in b["factors"].items():
+        ref = torch.from_numpy(A).double() @ torch.from_numpy(B).double()
+        got = torch.from_numpy(a["factors"][k][0]).double() @ torch.from_numpy(a["factors"][k][1]).double()
+        prod_rel = max(prod_rel, float((got - ref).abs().max() / ref.abs().max()))
+    out = {"factors_identical": all(np.array_equal(a["factors"][k][0], b["factors"][k][0])
+                                    and np.array_equal(a["factors"][k][1], b["factors"][k][1]) for k in b["factors"]),
+           "AB_max_rel_diff": prod_rel, "grams_identical": None, "grams_max_rel_diff": None}
+    if a["grams"]:
+        out["grams_identical"] = all(torch.equal(a["grams"][k], b["grams"][k]) for k in b["grams"])
+        out["grams_max_rel_diff"] = max(float((a["grams"][k] - b["grams"][k]).abs().max() / b["grams"][k].abs().max())
+                                        for k in b["grams"])
+    return out
+
+
+def nvme_available() -> tuple[bool, str]:
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    ok = AsyncIOBuilder().is_compatible(verbose=False)
+    return ok, "" if ok else "DeepSpeed's async_io op is not compatible here (libaio-dev missing?)"
+
+
+def ray_placement(folder: str, plan, ids: torch.Tensor, scratch: Path, cuda: bool) -> dict:
+    """compress_sharded with one shard on a local Ray that has the GPU: the actor's device and factors."""
+    import ray
+
+    from nesta_ray.pipeline.sharded import compress_sharded
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=2, num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(scratch / "ray"))
+    try:
+        stage = StageRef(str(scratch / "ray-stage"), "check")
+        out = compress_sharded(folder, plan, ids, workers=1, micro_batch=2, mode="original", args=ARGS,
+                               dtype="float32", stage=stage)
+    finally:
+        ray.shutdown()
+    staged = {k: v for i in range(LAYERS) for k, v in stage.open().get(i).items()}
+    return {"factors": {k: (v["A"], v["B"]) for k, v in staged.items()}, "grams": {},
+            "report": {"status": "ok", "device": out["actors"][0]["device"], "gpu_bundle": cuda,
+                       "peak_device_bytes": out["actors"][0]["peak_device_bytes"]}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("results")
+    p.add_argument("--out", type=Path, default=out_dir / "gpu_check.json")
+    p.add_argument("--nvme-path", default=None, help="folder for the NVMe offload check (default: a temp folder)")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    report: dict = {"torch": torch.__version__, "cuda": cuda,
+                    "gpu": torch.cuda.get_device_name(0) if cuda else None, "checks": {}, "comparisons": {}}
+    skip = {"status": "skipped", "reason": "no CUDA device"}
+    runs: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        folder = tiny_folder(scratch / "model")
+        with torch.device("meta"):
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        plan = make_plan(skeleton, arch_for("llama"), method="nsvd1", ratio=0.3, k1_fraction=0.95, targets=TARGETS)
+        ids = torch.randint(0, 4096, (8, 128), generator=torch.Generator().manual_seed(0))
+
+        def attempt(name: str, fn) -> None:
+            try:
+                runs[name] = fn()
+                report["checks"][name] = runs[name]["report"]
+            except Exception as err:  # a GPU check script reports every failure and goes on
+                report["checks"][name] = {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                                          "trace": traceback.format_exc()[-2000:]}
+            print(name, json.dumps(report["checks"][name])[:300], flush=True)
+
+        attempt("cpu_layerwise", lambda: run_shard(folder, plan, ids, scratch, "cpu-lw", BackendSpec(), "cpu"))
+        if cuda:
+            attempt("gpu_layerwise", lambda: run_shard(folder, plan, ids, scratch, "gpu-lw", BackendSpec(), "cuda"))
+            resident = backends.RESIDENT_FRACTION
+            backends.RESIDENT_FRACTION = 0.0  # force the per-call move to the device and back
+            attempt("gpu_layerwise_streamed",
+                    lambda: run_shard(folder, plan, ids, scratch, "gpu-lws", BackendSpec(), "cuda"))
+            backends.RESIDENT_FRACTION = resident
+            attempt("gpu_deepspeed_cpu", lambda: run_shard(folder, plan, ids, scratch, "gpu-ds",
+                                                           BackendSpec("deepspeed", "cpu"), "cuda"))
+            ok, why = nvme_available()
+            nvme = args.nvme_path or str(scratch / "nvme")
+            if ok:
+                attempt("gpu_deepspeed_nvme", lambda: run_shard(folder, plan, ids, scratch, "gpu-dsn",
+                                                                BackendSpec("deepspeed", "nvme", nvme), "cuda"))
+            else:
+                report["checks"]["gpu_deepspeed_nvme"] = {"status": "skipped", "reason": why}
+        else:
+            for name in ("gpu_layerwise", "gpu_layerwise_streamed", "gpu_deepspeed_cpu", "gpu_deepspeed_nvme"):
+                report["checks"][name] = skip
+            attempt("cpu_deepspeed", lambda: run_shard(folder, plan, ids, scratch, "cpu-ds",
+                                                       BackendSpec("deepspeed", "cpu"), "cpu"))
+        report["checks"]["nccl"] = nccl_check() if cuda else skip
+        attempt("ray_placement", lambda: ray_placement(folder, plan, ids, scratch, cuda))
+
+    must_match = [("gpu_layerwise_streamed", "gpu_layerwise"), ("gpu_deepspeed_cpu", "gpu_layerwise"),
+                  ("gpu_deepspeed_nvme", "gpu_layerwise"), ("cpu_deepspeed", "cpu_layerwise"),
+                  ("ray_placement", "gpu_layerwise" if cuda else "cpu_layerwise")]
+    failed = [n for n, c in report["checks"].items() if c.get("status") == "failed"]
+    for a, b in must_match + [("gpu_layerwise", "cpu_layerwise")]:
+        if a in runs and b in runs:
+            c = compare(runs[a], runs[b])
+            report["comparisons"][f"{a} vs {b}"] = c
+            exact = (a, b) in must_match
+            if exact and not (c["factors_identical"] and c["grams_identical"] in (True, None)):
+                failed.append(f"{a} vs {b}")
+    report["failed"] = failed
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"comparisons": report["comparisons"], "failed": failed, "seconds": report["seconds"]}, indent=2))
+    return 1 if failed else 0
+
+
+def nccl_check() -> dict:
+    """The backend DeepSpeed initialised for the shard's world of size 1, and an all_reduce through it."""
+    import torch.distributed as dist
+
+    try:
+        if not dist.is_initialized():
+            backends.init_world(torch.device("cuda"))
+        t = torch.full((4,), 2.0, device="cuda")
+        dist.all_reduce(t)
+        return {"status": "ok", "backend": dist.get_backend(), "world_size": dist.get_world_size(),
+                "all_reduce": t.tolist()}
+    except Exception as err:
+        return {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
