@@ -72,7 +72,8 @@ def shard_plan(cfg: JobConfig, plan: Plan, hf_config, rates: Rates | None = None
     try:
         ranges = shard_ranges(max(plan.layers()) + 1, rt.workers)
         shards = shard_report(plan, shape, ranges, sequences=cal.num_sequences, seq_len=cal.seq_len,
-                              micro_batch=cal.micro_batch, mode=cal.mode, rates=rates)
+                              micro_batch=cal.micro_batch, mode=cal.mode, rates=rates,
+                              host_weights=not (rt.backend == "deepspeed" and rt.offload == "nvme"))
         check_fit(shards, *[None if v is None else v * 2**30 for v in (rt.device_memory_gb, rt.host_memory_gb)])
     except ValueError as err:
         raise ConfigError(f"runtime: {err}") from None

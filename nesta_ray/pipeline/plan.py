@@ -136,13 +136,18 @@ def svd_flops(m: int, n: int) -> float:
 
 
 def shard_report(plan: Plan, shape: ModelShape, ranges: list[list[int]], *, sequences: int, seq_len: int,
-                 micro_batch: int, mode: str, rates: Rates | None = None) -> list[dict]:
+                 micro_batch: int, mode: str, rates: Rates | None = None, host_weights: bool = True) -> list[dict]:
     """Per layer-shard actor: its layers, weights, device and host memory peaks, bytes moved, and time estimates.
 
-    Device peak (layer-at-a-time): one layer's weights + its fp64 Grams + one micro-batch's activations + the SVD
-    workspace of its widest matrix (the fp64 matrix, its Gram-sized whitening and U, V). Host peak: the hidden
-    states of every calibration window in and out, plus (original mode) the fp64 Grams of all its layers, which
-    wait for decomposition. Time estimates (seconds) are added when ``rates`` is given.
+    Device peak (one layer on the device at a time, as both backends stream): one layer's weights + one
+    micro-batch's activations + the fp32 Gram product (n, n) of its widest input, which is then summed into fp64 on
+    the host. Host peak: the shard's weights (``host_weights``; False for NVMe offload) and, on the first shard,
+    the embedding; the fp64 Gram sums waiting for decomposition (original mode: every layer of the shard, as
+    micro-batches pipeline through all of them; propagate: one layer); hidden states in and out (original: one
+    micro-batch; propagate, layer-major: every window); and the decomposition of the widest linear on the CPU
+    (its normalised Gram plus the SVD workspace: the fp64 matrix, its Gram-sized whitening, U and V). The
+    shard's inputs also wait in Ray's object store until it has decomposed (``object_store_bytes``), so that a
+    restarted shard can calibrate again. Time estimates (seconds) are added when ``rates`` is given.
     """
     tokens = sequences * seq_len
     h, i_ = shape.hidden, shape.intermediate
@@ -154,19 +159,25 @@ def shard_report(plan: Plan, shape: ModelShape, ranges: list[list[int]], *, sequ
         mods = [p for i in layers for p in by_layer.get(i, [])]
         widths = {i: {(p.group, p.n) for p in by_layer.get(i, [])} for i in layers}  # one Gram per input group
         layer_params = [sum(p.params_before for p in by_layer.get(i, [])) for i in layers]
-        grams = [sum(8 * n * n for _, n in widths[i]) for i in layers]
+        grams = [sum(8 * n * n + 8 * n for _, n in widths[i]) for i in layers]
+        widest_input = max((n for i in layers for _, n in widths[i]), default=0)
         widest = max(mods, key=lambda p: p.m * p.n, default=None)
-        svd_workspace = 0 if widest is None else 8 * (3 * widest.m * widest.n + 3 * widest.n * widest.n)
-        weights = sum(layer_params) * shape.dtype_bytes + (shape.vocab * h * shape.dtype_bytes if k == 0 else 0)
+        svd_workspace = 0 if widest is None else 8 * (3 * widest.m * widest.n + 4 * widest.n * widest.n)
+        embedding = shape.vocab * h * shape.dtype_bytes if k == 0 else 0
+        weights = sum(layer_params) * shape.dtype_bytes + embedding
         activations = micro_batch * seq_len * (4 * h + 3 * i_) * 4
-        flops_calibration = 2.0 * sum(layer_params) * tokens + sum(2.0 * n * n * tokens for i in layers for _, n in widths[i])
+        hidden = 2 * (micro_batch * seq_len if mode == "original" else tokens) * h * 4
+        flops_calibration = (2.0 * sum(layer_params) * tokens
+                             + sum(2.0 * n * n * tokens for i in layers for _, n in widths[i]))
         flops_svd = sum(svd_flops(p.m, p.n) * (2 if p.k2 else 1) for p in mods)
         written = sum(p.params_after for p in mods) * shape.dtype_bytes
         entry = {
             "actor": k, "layers": f"{layers[0]}-{layers[-1]}", "weights_bytes": weights,
-            "device_peak_bytes": max(layer_params, default=0) * shape.dtype_bytes + max(grams, default=0)
-            + activations + svd_workspace,
-            "host_peak_bytes": 2 * tokens * h * 4 + (sum(grams) if mode == "original" else max(grams, default=0)),
+            "device_peak_bytes": max(layer_params, default=0) * shape.dtype_bytes + activations
+            + 4 * widest_input * widest_input,
+            "host_peak_bytes": (weights if host_weights else embedding) + hidden + svd_workspace
+            + (sum(grams) if mode == "original" else max(grams, default=0)),
+            "object_store_bytes": tokens * h * 4,
             "read_bytes": weights, "write_bytes": written,
         }
         if rates is not None:
@@ -178,11 +189,14 @@ def shard_report(plan: Plan, shape: ModelShape, ranges: list[list[int]], *, sequ
 
 def check_fit(shards: list[dict], device_limit: float | None, host_limit: float | None) -> None:
     """Raise ValueError naming the first actor whose device or host peak exceeds its limit (bytes), and the fix."""
+    fixes = {"device": "lower calibration.micro_batch (one layer is on the device at a time, so more workers do "
+                       "not help)",
+             "host": "raise runtime.workers (fewer layers per shard) or lower calibration.micro_batch / "
+                     "calibration.num_sequences"}
     for s in shards:
         for key, limit, where in (("device_peak_bytes", device_limit, "device"), ("host_peak_bytes", host_limit, "host")):
             if limit is not None and s[key] > limit:
                 raise ValueError(
                     f"actor {s['actor']} (layers {s['layers']}) needs {s[key] / 2**30:.1f} GiB of {where} memory, "
-                    f"more than the {limit / 2**30:.1f} GiB available; raise runtime.workers or lower "
-                    "calibration.num_sequences / calibration.micro_batch"
+                    f"more than the {limit / 2**30:.1f} GiB available; {fixes[where]}"
                 )
