@@ -27,6 +27,8 @@ from nesta_ray.config import JobConfig, load_config
 from nesta_ray.data import pick_windows
 from nesta_ray.drift import layer_scores, relative_error
 from nesta_ray.errors import CheckpointError, NestaError
+from nesta_ray.html_report import render_html
+from nesta_ray.metrics import JobMetrics
 from nesta_ray.models import arch_for
 from nesta_ray.pipeline.driver import TextCache, calibration_ids, ensure_ray, run_job
 from nesta_ray.pipeline.layerwise import collect_statistics
@@ -35,6 +37,7 @@ from nesta_ray.storage import (join, list_names, list_runs, put_object, read_jso
                                check_storage)
 
 NIGHTS = "nights"
+STAMP = "%Y%m%dT%H%M%S%fZ"
 
 
 def published_run(cfg: JobConfig) -> str | None:
@@ -56,8 +59,12 @@ def last_record(cfg: JobConfig) -> dict | None:
 
 def heldout_ids(cfg: JobConfig, texts: TextCache) -> torch.Tensor:
     """Up to ``nightly.sample_sequences`` windows (n, seq_len) of the calibration text's window range that the
-    calibration did not use (seeded), for an out-of-sample baseline; (0, seq_len) when there are none."""
+    calibration did not use (seeded), for an out-of-sample baseline; (0, seq_len) when there are none. From request
+    logs: a seeded random pick of tonight's requests, which may share requests with the calibration selection."""
     c = cfg.calibration
+    if c.logs is not None:
+        return calibration_ids(cfg.model_copy(update={"calibration": c.model_copy(update={
+            "num_sequences": cfg.nightly.sample_sequences, "seed": c.seed + 1, "select": "random"})}), texts)
     pool = pick_windows(texts.windows(c, c.seq_len), c.first_window, c.num_windows, None, c.seed, "first")
     used = {tuple(row.tolist()) for row in calibration_ids(cfg, texts)}
     spare = torch.stack([w for w in pool if tuple(w.tolist()) not in used]) if len(pool) > len(used) else pool[:0]
@@ -109,11 +116,22 @@ def prune_runs(cfg: JobConfig, keep: int, protect: str | None) -> list[str]:
     return removed
 
 
+def tonight_config(cfg: JobConfig, previous: dict | None) -> JobConfig:
+    """``cfg`` reading only request logs newer than the previous night (when the config sets no ``since``)."""
+    logs = cfg.calibration.logs
+    if logs is None or logs.since is not None or previous is None:
+        return cfg
+    since = datetime.datetime.fromisoformat(previous["time"])
+    return cfg.model_copy(update={"calibration": cfg.calibration.model_copy(update={
+        "logs": logs.model_copy(update={"since": since})})})
+
+
 def run_night(cfg: JobConfig, now: datetime.datetime | None = None) -> dict[str, Any]:
     """Score, decide, maybe compress + gate + publish, prune, record. Returns the night's record."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
     check_storage(cfg.output.uri, cfg.output.storage_options, write=True)
     previous = last_record(cfg)
+    cfg = tonight_config(cfg, previous)
     record: dict[str, Any] = {"time": now.isoformat(), "previous_night": previous and previous["time"],
                               "threshold": cfg.nightly.drift_threshold}
     run_uri = published_run(cfg)
@@ -131,6 +149,9 @@ def run_night(cfg: JobConfig, now: datetime.datetime | None = None) -> dict[str,
         then_errors, record["baseline_source"] = baseline_errors(cfg, run_uri)
         scores = layer_scores(then_errors, now_errors, layer_of)
         record["drift"] = {"layers": scores, "max": max(scores.values()), "tokens": ids.numel()}
+        metrics = JobMetrics("nightly", now.strftime(STAMP), cfg.model.source)
+        for layer, score in scores.items():
+            metrics.drift(layer, score)
         over = record["drift"]["max"] > cfg.nightly.drift_threshold
         record["decision"] = "recompress" if over else "skip"
         record["reason"] = (f"max layer drift {record['drift']['max']:.3f} {'>' if over else '<='} threshold "
@@ -145,10 +166,25 @@ def run_night(cfg: JobConfig, now: datetime.datetime | None = None) -> dict[str,
                                   "errors": run_errors(cfg, report["run_uri"], heldout)[0]}
     latest = published_run(cfg)
     record["removed_runs"] = prune_runs(cfg, cfg.nightly.keep_runs, latest and latest.rstrip("/").rsplit("/", 1)[1])
-    stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = now.strftime(STAMP)
     put_object(join(cfg.output.uri, NIGHTS, f"{stamp}.json"),
                (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), cfg.output.storage_options)
+    if latest is not None:
+        put_object(join(cfg.output.uri, NIGHTS, f"{stamp}.html"), night_page(cfg, latest, record).encode(),
+                   cfg.output.storage_options)
     return record
+
+
+def night_page(cfg: JobConfig, run_uri: str, record: dict, nights: int = 7) -> str:
+    """The published run's HTML report with the drift per layer of the last ``nights`` nights (this one included)."""
+    root, opts = join(cfg.output.uri, NIGHTS), cfg.output.storage_options
+    names = [n for n in list_names(root, opts) if n.endswith(".json")][-nights:]
+    drift = {}
+    for night in [read_json(join(root, n), opts) for n in names[:-1]] + [record]:
+        if night.get("drift"):
+            drift[f"{night['time'][:16]} ({night['decision']})"] = {int(k): v for k, v in night["drift"]["layers"].items()}
+    return render_html(read_json(join(run_uri, "report.json"), opts), drift_runs=drift or None,
+                       drift_threshold=cfg.nightly.drift_threshold)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,6 +199,11 @@ class RunWriter:
                 self._fs.makedirs(self._path, exist_ok=True)
 
     @property
+    def bytes_written(self) -> int:
+        """Bytes of every file put so far (the manifest and markers not counted)."""
+        return sum(f["size"] for f in self._files.values())
+
+    @property
     def run_uri(self) -> str:
         """URI of this run's folder: ``<root_uri>/runs/<run_id>``."""
         return join(self.root_uri, "runs", self.run_id)

@@ -47,18 +47,28 @@ def smol4_folder(tmp_path_factory, smollm_folder):
     return str(folder)
 
 
-def _day(tmp_path: Path, name: str, corpus: str, start: int, chars: int = 60_000) -> str:
+def _upload_day(s3, opts, name: str, corpus: str, start: int, chars: int = 60_000) -> None:
+    """One day of request logs (the corpus' paragraphs in the three request shapes) written to s3://logs/prod/."""
+    import s3fs
+
     text = (CORPORA / corpus).read_text()[start : start + chars]
-    path = tmp_path / f"{name}.txt"
-    path.write_text(text)
-    return str(path)
+    paragraphs = [p.strip() for p in text.split("\n") if len(p.strip()) > 40]
+    lines = []
+    for i, para in enumerate(paragraphs):
+        shape = i % 3
+        rec = ({"text": para} if shape == 0 else {"prompt": para[: len(para) // 2], "completion": para[len(para) // 2 :]}
+               if shape == 1 else {"messages": [{"role": "user", "content": para}]})
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    lines.append("{not json")  # a malformed line is counted, not fatal
+    s3fs.S3FileSystem(**opts).pipe(f"logs/prod/{name}.jsonl", ("\n".join(lines) + "\n").encode())
 
 
-def _cfg(folder, out, calib_path, opts, **extra):
+def _cfg(folder, out, opts, **extra):
     raw = {
         "model": {"source": folder},
         "method": {"name": "nsvd1", "ratio": 0.3},
-        "calibration": {"path": calib_path, "seq_len": 64, "num_sequences": 64, "micro_batch": 16},
+        "calibration": {"logs": {"uri": "s3://logs/prod/", "storage_options": opts}, "seq_len": 64,
+                        "num_sequences": 64, "micro_batch": 16},
         "output": {"uri": out, "storage_options": opts},
         "runtime": {"progress": False},
         "nightly": {"drift_threshold": 0.5, "sample_sequences": 32, "keep_runs": 2},
@@ -68,31 +78,33 @@ def _cfg(folder, out, calib_path, opts, **extra):
 
 
 @pytest.mark.slow
-def test_three_nights_and_a_failing_gate_on_s3(ray_local, smol4_folder, s3_server, tmp_path, capsys):
+def test_nights_over_request_logs_on_s3(ray_local, smol4_folder, s3_server, tmp_path, capsys):
     out = s3_server.make_bucket("nightly-out") + "/smol"
+    s3_server.make_bucket("logs")
     opts = s3_server.storage_options
-    day1 = _day(tmp_path, "day1", "en_web_c4_owt.txt", 0)
-    day2 = _day(tmp_path, "day2", "en_web_c4_owt.txt", 300_000)
-    day3 = _day(tmp_path, "day3", "ja_manpages.txt", 0)
-    day4 = _day(tmp_path, "day4", "en_wikipedia.txt", 0)
 
-    first = run_night(validate(_cfg(smol4_folder, out, day1, opts)))
+    _upload_day(s3_server, opts, "day1", "en_web_c4_owt.txt", 0)
+    first = run_night(validate(_cfg(smol4_folder, out, opts)))
     assert first["decision"] == "recompress" and first["published"] and first["reason"] == "no published run yet"
 
-    second = run_night(validate(_cfg(smol4_folder, out, day2, opts)))
+    _upload_day(s3_server, opts, "day2", "en_web_c4_owt.txt", 300_000)
+    second = run_night(validate(_cfg(smol4_folder, out, opts)))  # reads only day2: since = the first night
     assert second["decision"] == "skip", second
     assert second["drift"]["max"] <= 0.5 and len(second["drift"]["layers"]) == 4
     assert second["baseline_source"].startswith("held-out windows") and first["baseline"]["tokens"] == 32 * 64
 
-    third = run_night(validate(_cfg(smol4_folder, out, day3, opts)))
+    _upload_day(s3_server, opts, "day3", "ja_manpages.txt", 0)
+    third = run_night(validate(_cfg(smol4_folder, out, opts)))
     assert third["decision"] == "recompress" and third["drift"]["max"] > 0.5 and third["published"]
-    fs, path = url_to_fs(out, opts)
     assert read_bytes(f"{out}/latest", opts).decode().strip() == third["run_id"]
+    report = json.loads(read_bytes(f"{out}/runs/{third['run_id']}/report.json", opts))
+    assert report["log_selection"]["languages_after"].get("ja") and sum(report["log_selection"]["malformed"].values()) == 1
 
+    _upload_day(s3_server, opts, "day4", "en_wikipedia.txt", 0)
     cases = tmp_path / "cases.jsonl"
     cases.write_text(json.dumps({"name": "never", "prompt": "The", "expect": "§never§"}) + "\n")
     config = tmp_path / "night4.yaml"
-    config.write_text(json.dumps(_cfg(smol4_folder, out, day4, opts, gate={"cases": str(cases), "max_new_tokens": 4})))
+    config.write_text(json.dumps(_cfg(smol4_folder, out, opts, gate={"cases": str(cases), "max_new_tokens": 4})))
     assert nightly_main(["--config", str(config)]) == 3
     fourth = json.loads(capsys.readouterr().out)
     assert fourth["decision"] == "recompress" and fourth["published"] is False and "never" in fourth["gate"]
@@ -102,5 +114,9 @@ def test_three_nights_and_a_failing_gate_on_s3(ray_local, smol4_folder, s3_serve
     assert len(runs) == 2 and third["run_id"] in runs and fourth["run_id"] in runs  # keep_runs=2, oldest pruned
     assert fourth["removed_runs"] == [first["run_id"]]
     nights = list_names(f"{out}/nights", opts)
-    assert len(nights) == 4 and nights == sorted(nights)
+    assert len([n for n in nights if n.endswith(".json")]) == 4 and nights == sorted(nights)
+    pages = [n for n in nights if n.endswith(".html")]
+    assert len(pages) == 4  # one per night, on the published run's report
+    page = read_bytes(f"{out}/nights/{pages[-1]}", opts).decode()
+    assert page.count("data:image/png;base64,") >= 2 and "Drift per layer" in page
     print({"second": second["drift"], "third": third["drift"], "fourth": fourth["drift"]})

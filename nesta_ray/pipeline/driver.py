@@ -26,6 +26,8 @@ from nesta_ray.data import fingerprint_tokens, pick_windows, read_dataset, read_
 from nesta_ray.errors import ConfigError
 from nesta_ray.evaluate import generate, perplexity
 from nesta_ray.gate import check_gate, read_cases, run_cases
+from nesta_ray.html_report import render_html
+from nesta_ray.metrics import JobMetrics
 from nesta_ray.models import LowRankLinear, arch_for
 from nesta_ray.pipeline.backends import BackendSpec
 from nesta_ray.pipeline.layerwise import MethodArgs, compress_layerwise, install_factors
@@ -35,6 +37,7 @@ from nesta_ray.pipeline.shard import StageRef
 from nesta_ray.pipeline.sharded import compress_sharded, shard_ranges
 from nesta_ray.pipeline.staging import LayerStage, job_fingerprint
 from nesta_ray.report import json_safe, run_markdown
+from nesta_ray.requestlogs import log_calibration_ids
 from nesta_ray.sources import fingerprint_model, load_model, model_files, resolve_model
 from nesta_ray.storage import RunWriter, check_storage
 
@@ -86,6 +89,7 @@ class TextCache:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.log_selection: dict | None = None  # what calibration_ids picked from request logs, for the report
 
     def windows(self, src: TextSource, seq_len: int) -> torch.Tensor:
         key = (src.key(), seq_len)
@@ -97,8 +101,15 @@ class TextCache:
 
 
 def calibration_ids(cfg: JobConfig, texts: TextCache) -> torch.Tensor:
-    """The calibration windows (num_sequences, seq_len) the config selects."""
+    """The calibration windows (num_sequences, seq_len) the config selects (from request logs: the selection's report
+    is kept in ``texts.log_selection``)."""
     c = cfg.calibration
+    if c.logs is not None:
+        ids, selection = log_calibration_ids(tokenizer=texts.tokenizer, num_sequences=c.num_sequences,
+                                             seq_len=c.seq_len, seed=c.seed, select_method=c.select,
+                                             **c.logs.model_dump())
+        texts.log_selection = selection.as_dict()
+        return ids
     return pick_windows(texts.windows(c, c.seq_len), c.first_window, c.num_windows, c.num_sequences, c.seed, c.select)
 
 
@@ -159,6 +170,10 @@ def run_job(cfg: JobConfig) -> dict:
     ensure_ray(cfg.runtime.ray_address, cfg.runtime.num_cpus)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint()[:8]}-{uuid.uuid4().hex[:6]}"
     report: dict = {"run_id": run_id, "perplexity": {}}
+    if texts.log_selection is not None:
+        report["log_selection"] = texts.log_selection
+    metrics = JobMetrics("compress", run_id, cfg.model.source)
+    metrics.layers_total(len(plan.layers()))
     with _progress(cfg.runtime.progress) as progress:
         t = time.perf_counter()
         dense = _evaluate(model, evals, progress, "dense") if model is not None and cfg.evaluation.dense else {}
@@ -177,11 +192,13 @@ def run_job(cfg: JobConfig) -> dict:
             outputs = run_cases(model, tokenizer, cases, cfg.gate.max_new_tokens) if cases else {}
             gate = check_gate(report["perplexity"], cfg.gate.max_increase, cases, outputs)
             report["gate"], report["gate_summary"] = gate.as_dict(), gate.summary()
+            metrics.gate(gate.passed)
         t = time.perf_counter()
         write_task = progress.add_task("write checkpoint", total=1)
         report["resume"] = {"layers": len(plan.layers()), "staged_before": staged_before, "computed": computed,
                             "stage": stage.uri}
-        _write_run(cfg, report, folder, skeleton, plan, stage, model, tokenizer, model_fp, calib, timings, t, t_start)
+        _write_run(cfg, report, folder, skeleton, plan, stage, model, tokenizer, model_fp, calib, timings, t, t_start,
+                   metrics)
         stage.clear()  # its factors now live in the committed run
         progress.advance(write_task)
     return report
@@ -222,8 +239,9 @@ def _compress(cfg: JobConfig, folder: str, model: torch.nn.Module | None, spec, 
 
 def _write_run(cfg: JobConfig, report: dict, folder: str, skeleton: torch.nn.Module, plan: Plan, stage: LayerStage,
                model: torch.nn.Module | None, tokenizer, model_fp: str, calib: torch.Tensor, timings: dict,
-               t_write: float, t_start: float) -> None:
-    """Assemble, describe and commit the run (shards from source + stage, model files, nesta.json, report)."""
+               t_write: float, t_start: float, metrics: JobMetrics) -> None:
+    """Assemble, describe and commit the run (shards from source + stage, model files, nesta.json, reports), and
+    record the layers computed in this run, the bytes written and the duration as metrics."""
     hf_config = skeleton.config
     writer = RunWriter(cfg.output.uri, report["run_id"], cfg.output.storage_options)
     stats = write_from_stage(writer, folder, plan, stage, arch_for(hf_config.model_type),
@@ -231,6 +249,7 @@ def _write_run(cfg: JobConfig, report: dict, folder: str, skeleton: torch.nn.Mod
     for path in model_files(folder):
         writer.put_file(os.path.basename(path), path)
     report.update(_summary(cfg, plan, stats, skeleton, model_fp, calib))
+    _layer_metrics(metrics, plan, stats, report["resume"]["computed"])
     writer.put_json(NESTA_JSON, _nesta_meta(cfg, report, tied_aliases(skeleton)))
     if cfg.output.export_dense:
         _put_dense(writer, model, tokenizer)
@@ -241,7 +260,22 @@ def _write_run(cfg: JobConfig, report: dict, folder: str, skeleton: torch.nn.Mod
     report["published"] = report.get("gate", {}).get("passed", True)  # a failed gate keeps latest where it was
     writer.put_json("report.json", json_safe(report))
     writer.put_bytes("report.md", run_markdown(report).encode())
+    writer.put_bytes("report.html", render_html(json_safe(report)).encode())
     writer.commit(publish=report["published"])
+    metrics.bytes_written(writer.bytes_written)
+    metrics.run_finished(timings["total"])
+
+
+def _layer_metrics(metrics: JobMetrics, plan: Plan, stats: dict[str, dict], computed: list[int]) -> None:
+    """One layer_done per layer computed in this run: summed seconds, mean relative loss, summed fallbacks."""
+    for layer in computed:
+        names = [p.name for p in plan.modules if p.layer == layer]
+        fallbacks: dict[str, int] = {}
+        for name in names:
+            for kind, n in stats[name]["fallbacks"].items():
+                fallbacks[kind] = fallbacks.get(kind, 0) + n
+        metrics.layer_done(layer, sum(stats[n]["seconds"] for n in names),
+                           sum(stats[n]["relative_loss"] for n in names) / len(names), fallbacks)
 
 
 def _summary(cfg: JobConfig, plan: Plan, stats: dict[str, dict], skeleton: torch.nn.Module, model_fp: str,
@@ -259,7 +293,7 @@ def _summary(cfg: JobConfig, plan: Plan, stats: dict[str, dict], skeleton: torch
     return {
         "model": {"source": cfg.model.source, "model_type": skeleton.config.model_type, "fingerprint": model_fp},
         "method": cfg.method.model_dump(),
-        "calibration": {**cfg.calibration.model_dump(), "tokens": calib.numel(), "fingerprint": fingerprint_tokens(calib)},
+        "calibration": {**cfg.calibration.model_dump(mode="json", exclude={"logs": {"storage_options"}}), "tokens": calib.numel(), "fingerprint": fingerprint_tokens(calib)},
         "parameters": {"linears_before": plan.params_before, "linears_after": plan.params_after,
                        "model_before": plan.model_params,
                        "model_after": plan.model_params - plan.params_before + plan.params_after},
