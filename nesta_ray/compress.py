@@ -60,9 +60,12 @@ def dry_run(cfg: JobConfig) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nesta_ray.pipeline.driver import build_plan, shard_plan
+    from nesta_ray.pipeline.driver import build_plan, shard_plan, with_ratio
     from nesta_ray.pipeline.plan import Rates, memory_estimate
 
+    auto = cfg.method.auto
+    if auto:  # the search picks the ratio at run time; plan (and size) its largest ranks
+        cfg = with_ratio(cfg, auto.min_ratio)
     hf_config = _hf_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
@@ -76,7 +79,10 @@ def dry_run(cfg: JobConfig) -> str:
     cal = cfg.calibration
     lines = [
         f"model {cfg.model.source} ({hf_config.model_type}, {plan.model_params:,} parameters), method "
-        f"{cfg.method.name}, ratio {cfg.method.ratio}, {len(plan.modules)} linears in {len(plan.layers())} layers",
+        f"{cfg.method.name}, ratio {cfg.method.ratio}" + (f" (auto: the largest of {auto.grid()} keeping {auto.set} "
+                                                          f"within +{auto.max_increase:.0%}; planned at the smallest)"
+                                                          if auto else "")
+        + f", {len(plan.modules)} linears in {len(plan.layers())} layers",
         table(["linear", "count", "shape (out x in)", "rank", "k1+k2", "params before", "params after"], rows),
         f"compressed linears: {plan.params_before:,} -> {plan.params_after:,} parameters "
         f"({1 - plan.params_after / plan.params_before:.1%} removed); whole model: {plan.model_params:,} -> "

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nesta_ray.decompose import METHODS
 from nesta_ray.errors import ConfigError
@@ -35,9 +35,30 @@ class ModelConfig(_Strict):
                                     "from it without reaching the source")
 
 
+class AutoRatioConfig(_Strict):
+    set: str = Field(description="the evaluation set (a name in evaluation.sets) whose perplexity bounds the ratio")
+    max_increase: float = Field(0.10, gt=0.0, description="largest relative perplexity increase over dense (0.1 = +10%)")
+    min_ratio: float = Field(0.05, gt=0.0, lt=1.0, description="smallest ratio tried")
+    max_ratio: float = Field(0.6, gt=0.0, lt=1.0, description="largest ratio tried")
+    step: float = Field(0.05, gt=0.0, lt=1.0, description="grid step between min_ratio and max_ratio")
+
+    @model_validator(mode="after")
+    def _range(self) -> AutoRatioConfig:
+        if self.min_ratio > self.max_ratio:
+            raise ValueError(f"min_ratio {self.min_ratio} exceeds max_ratio {self.max_ratio}")
+        return self
+
+    def grid(self) -> list[float]:
+        """Candidate ratios, ascending: min_ratio, min_ratio + step, ... up to max_ratio."""
+        count = int((self.max_ratio - self.min_ratio) / self.step + 1e-9) + 1
+        return [round(self.min_ratio + i * self.step, 10) for i in range(count)]
+
+
 class MethodConfig(_Strict):
     name: Literal[METHODS] = Field("nsvd1", description=f"decomposition method, one of {', '.join(METHODS)}")
-    ratio: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of the compressed linears' parameters to remove, in [0, 1)")
+    ratio: float | Literal["auto"] = Field(0.2, description="fraction of the compressed linears' parameters to "
+                                           "remove, in [0, 1), or auto (the largest ratio method.auto allows)")
+    auto: AutoRatioConfig | None = Field(None, description="with ratio: auto, the perplexity bound that picks the ratio")
     k1_fraction: float = Field(0.95, ge=0.0, le=1.0, description="share of the rank given to the whitened stage of nsvd, in [0, 1]")
     damping: float = Field(1e-6, ge=0.0, le=0.1, description="relative Gram damping λ (λ·mean diag added), in [0, 0.1]")
     alpha: float = Field(0.5, gt=0.0, le=2.0, description="ASVD scaling exponent, in (0, 2]")
@@ -45,8 +66,21 @@ class MethodConfig(_Strict):
     layers: list[int] | None = Field(None, min_length=1, description="decoder layer indices to compress (default: all)")
     rank_overrides: dict[str, int] = Field(default_factory=dict, description="full module name -> rank (>= 1)")
 
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _ratio(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ValueError("must be a number in [0, 1) or auto")
+        return float(v)
+
     @model_validator(mode="after")
     def _check(self) -> MethodConfig:
+        if self.ratio == "auto" and self.auto is None:
+            raise ValueError("ratio: auto needs an auto section, e.g. auto: {set: c4_heldout, max_increase: 0.1}")
+        if self.ratio != "auto" and self.auto is not None:
+            raise ValueError("an auto section is used only with ratio: auto")
         unknown = [t for t in self.targets if t not in ALL_TARGETS]
         if unknown:
             raise ValueError(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
@@ -239,6 +273,10 @@ class JobConfig(_Strict):
                     f"evaluation set {ev.name!r} overlaps the calibration windows of {ev.key()}; "
                     "set calibration.num_windows and move the set's first_window past them"
                 )
+        auto = self.method.auto
+        if auto is not None and (auto.set not in [s.name for s in self.evaluation.sets] or not self.evaluation.dense):
+            raise ValueError(f"method.auto.set {auto.set!r} must name one of evaluation.sets "
+                             f"({[s.name for s in self.evaluation.sets]}) with evaluation.dense: true")
         if self.gate is not None and self.gate.max_increase:
             names = [s.name for s in self.evaluation.sets]
             missing = sorted(set(self.gate.max_increase) - set(names))

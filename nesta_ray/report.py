@@ -80,6 +80,14 @@ def run_markdown(report: dict) -> str:
     ]
     if report.get("perplexity"):
         parts += ["## Perplexity", before_after_table(report["perplexity"])]
+    if report.get("auto_ratio"):
+        a = report["auto_ratio"]
+        parts += ["## Automatic ratio",
+                  f"chose **{a['ratio']}**: the largest ratio tried keeping `{a['set']}` within +{a['max_increase']:.1%} "
+                  f"of dense ({a['dense_perplexity']:.2f})",
+                  table(["ratio", "perplexity", "increase", "passed", "seconds"],
+                        [[p["ratio"], f"{p['perplexity']:.2f}", f"{p['increase']:+.1%}", "yes" if p["passed"] else "no",
+                          f"{p['seconds']:.1f}"] for p in a["points"]])]
     if report.get("gate"):
         g = report["gate"]
         verdict = "passed: published (latest moved)" if g["passed"] else "FAILED: not published (latest unchanged)"

@@ -85,3 +85,17 @@ def tiny3_folder(tmp_path_factory, smollm_folder):
     from tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny3-llama"), smollm_folder, layers=3)
+
+
+@pytest.fixture(scope="session")
+def smol4_folder(tmp_path_factory, smollm_folder):
+    """The real SmolLM2-135M cut to its first 4 decoder layers (real activations at a sixth of the cost)."""
+    from nesta_ray.sources import load_model
+
+    model, tokenizer = load_model(smollm_folder)
+    model.model.layers = model.model.layers[:4]
+    model.config.num_hidden_layers = 4
+    folder = tmp_path_factory.mktemp("smol4")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

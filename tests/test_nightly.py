@@ -33,20 +33,6 @@ def test_relative_error_and_layer_scores():
         layer_scores({"b": 0.0}, {"b": 0.1}, {"b": 0})
 
 
-@pytest.fixture(scope="module")
-def smol4_folder(tmp_path_factory, smollm_folder):
-    """The real SmolLM2-135M cut to its first 4 decoder layers (real activations, a sixth of the cost)."""
-    from nesta_ray.sources import load_model
-
-    model, tokenizer = load_model(smollm_folder)
-    model.model.layers = model.model.layers[:4]
-    model.config.num_hidden_layers = 4
-    folder = tmp_path_factory.mktemp("smol4")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def _upload_day(s3, opts, name: str, corpus: str, start: int, chars: int = 60_000) -> None:
     """One day of request logs (the corpus' paragraphs in the three request shapes) written to s3://logs/prod/."""
     import s3fs

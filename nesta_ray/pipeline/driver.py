@@ -30,6 +30,7 @@ from nesta_ray.html_report import render_html
 from nesta_ray.metrics import JobMetrics
 from nesta_ray.models import LowRankLinear, arch_for
 from nesta_ray.pipeline.backends import BackendSpec
+from nesta_ray.pipeline.autoratio import search_ratio
 from nesta_ray.pipeline.layerwise import MethodArgs, compress_layerwise, install_factors
 from nesta_ray.pipeline.reducer import tied_aliases, write_from_stage
 from nesta_ray.pipeline.plan import ModelShape, Plan, Rates, check_fit, make_plan, shard_report
@@ -63,6 +64,11 @@ def build_plan(model: torch.nn.Module, cfg: JobConfig) -> Plan:
                          k1_fraction=m.k1_fraction, targets=m.targets, layers=m.layers, rank_overrides=m.rank_overrides)
     except ValueError as err:
         raise ConfigError(f"method: {err}") from None
+
+
+def with_ratio(cfg: JobConfig, ratio: float) -> JobConfig:
+    """``cfg`` with a fixed ``method.ratio`` (and no auto section)."""
+    return cfg.model_copy(update={"method": cfg.method.model_copy(update={"ratio": ratio, "auto": None})})
 
 
 def shard_plan(cfg: JobConfig, plan: Plan, hf_config, rates: Rates | None = None) -> list[dict]:
@@ -152,24 +158,37 @@ def run_job(cfg: JobConfig) -> dict:
     hf_config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
-    spec, plan = arch_for(hf_config.model_type), build_plan(skeleton, cfg)
-    if cfg.runtime.workers:
-        shard_plan(cfg, plan, hf_config)  # refuses a job that cannot fit, before any work
+    spec, auto = arch_for(hf_config.model_type), cfg.method.auto
+    if cfg.runtime.workers:  # refuses a job that cannot fit, before any work (auto: at its largest ranks)
+        sized = with_ratio(cfg, auto.min_ratio) if auto else cfg
+        shard_plan(sized, build_plan(skeleton, sized), hf_config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     texts = TextCache(tokenizer)
     calib, evals = calibration_ids(cfg, texts), evaluation_ids(cfg, texts)
     model_fp = fingerprint_model(folder)
-    stage_ref = StageRef(cfg.output.uri, job_fingerprint(cfg.fingerprint(), model_fp, fingerprint_tokens(calib)),
-                         cfg.output.storage_options)
-    stage = stage_ref.open()
-    staged_before = sorted(stage.done() & set(plan.layers()))
     cases = read_cases(cfg.gate.cases, cfg.gate.storage_options) if cfg.gate and cfg.gate.cases else []
-    need_model = not cfg.runtime.workers or bool(evals) or cfg.output.export_dense or bool(cases)
+    need_model = not cfg.runtime.workers or bool(evals) or cfg.output.export_dense or bool(cases) or bool(auto)
     model = load_model(folder, getattr(torch, cfg.model.dtype))[0] if need_model else None
     timings["load"] = time.perf_counter() - t_start
     ensure_ray(cfg.runtime.ray_address, cfg.runtime.num_cpus)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint()[:8]}-{uuid.uuid4().hex[:6]}"
     report: dict = {"run_id": run_id, "perplexity": {}}
+    if auto:  # choose the ratio, then stage its factors: the job below finds every layer done
+        t = time.perf_counter()
+        choice = search_ratio(model, spec, cfg.method, calib, evals[auto.set], micro_batch=cfg.calibration.micro_batch,
+                              threads=cfg.runtime.threads_per_task)
+        cfg = with_ratio(cfg, choice.ratio)
+        report["auto_ratio"] = {"set": auto.set, "max_increase": auto.max_increase, **choice.summary()}
+        timings["auto_ratio"] = time.perf_counter() - t
+    plan = build_plan(skeleton, cfg)
+    stage_ref = StageRef(cfg.output.uri, job_fingerprint(cfg.fingerprint(), model_fp, fingerprint_tokens(calib)),
+                         cfg.output.storage_options)
+    stage = stage_ref.open()
+    staged_before = sorted(stage.done() & set(plan.layers()))
+    if auto:
+        for layer in sorted(set(plan.layers()) - set(staged_before)):
+            stage.put(layer, {p.name: choice.results[p.name] for p in plan.modules if p.layer == layer})
+        report["auto_ratio"]["staged_layers"] = sorted(set(plan.layers()) - set(staged_before))
     if texts.log_selection is not None:
         report["log_selection"] = texts.log_selection
     metrics = JobMetrics("compress", run_id, cfg.model.source)
@@ -179,7 +198,10 @@ def run_job(cfg: JobConfig) -> dict:
         dense = _evaluate(model, evals, progress, "dense") if model is not None and cfg.evaluation.dense else {}
         timings["evaluate_dense"] = time.perf_counter() - t
         t = time.perf_counter()
-        computed = _compress(cfg, folder, model, spec, plan, calib, stage_ref, staged_before, progress, timings)
+        auto_layers = report.get("auto_ratio", {}).get("staged_layers", [])
+        computed = _compress(cfg, folder, model, spec, plan, calib, stage_ref, sorted(set(staged_before) | set(auto_layers)),
+                             progress, timings)
+        computed = sorted(set(computed) | set(auto_layers))
         timings["compress_total"] = time.perf_counter() - t
         t = time.perf_counter()
         compressed = _evaluate(model, evals, progress, "compressed") if model is not None else {}
@@ -260,10 +282,20 @@ def _write_run(cfg: JobConfig, report: dict, folder: str, skeleton: torch.nn.Mod
     report["published"] = report.get("gate", {}).get("passed", True)  # a failed gate keeps latest where it was
     writer.put_json("report.json", json_safe(report))
     writer.put_bytes("report.md", run_markdown(report).encode())
-    writer.put_bytes("report.html", render_html(json_safe(report)).encode())
+    writer.put_bytes("report.html", render_html(json_safe(report), sweep_rows=_auto_rows(report)).encode())
     writer.commit(publish=report["published"])
     metrics.bytes_written(writer.bytes_written)
     metrics.run_finished(timings["total"])
+
+
+def _auto_rows(report: dict) -> list[dict] | None:
+    """The automatic ratio's walked curve as ratio-vs-perplexity rows (dense first), or None without one."""
+    a = report.get("auto_ratio")
+    if not a:
+        return None
+    return [{"method": "dense", "ratio": 0.0, "perplexity": {a["set"]: a["dense_perplexity"]}}] + [
+        {"method": report["method"]["name"], "ratio": p["ratio"], "perplexity": {a["set"]: p["perplexity"]}}
+        for p in a["points"]]
 
 
 def _layer_metrics(metrics: JobMetrics, plan: Plan, stats: dict[str, dict], computed: list[int]) -> None:
