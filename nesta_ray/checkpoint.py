@@ -1,4 +1,4 @@
-"""Compressed checkpoints: write a model with low-rank linears as safetensors shards + metadata, load it back.
+"""Compressed checkpoints: the format's names, and loading a run back (low-rank or multiplied out to dense).
 
 A run folder (see ``storage``) holds ``model-NNNNN.safetensors`` shards (factor pairs ``<linear>.A`` (out, k) and
 ``<linear>.B`` (k, in) for compressed linears, every other tensor as it was), ``model.safetensors.index.json``,
@@ -19,52 +19,12 @@ from torch import nn
 
 from nesta_ray.errors import CheckpointError
 from nesta_ray.models import LowRankLinear, set_submodule
-from nesta_ray.sources import default_cache_dir, load_model, model_files, resolve_model
-from nesta_ray.storage import RunWriter, download_run, resolve_run
+from nesta_ray.sources import default_cache_dir, load_model, resolve_model
+from nesta_ray.storage import download_run, resolve_run
 
 FORMAT = "nesta_ray.lowrank"
 FORMAT_VERSION = 1
 NESTA_JSON = "nesta.json"
-
-
-def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict without tied duplicates: (tensors, alias -> kept key). Tied weights are stored once."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for key, t in model.state_dict().items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ident in seen:
-            aliases[key] = seen[ident]
-            continue
-        seen[ident] = key
-        tensors[key] = t.detach().contiguous()
-    return tensors, aliases
-
-
-def shard_tensors(tensors: dict[str, torch.Tensor], shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Split tensors, in key order, into shards of at most ``shard_bytes`` (a larger tensor gets its own shard)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    return shards
-
-
-def write_model(writer: RunWriter, model: nn.Module, model_folder: str, meta: dict[str, Any], shard_bytes: int) -> None:
-    """Put the model's tensors, its config/tokenizer files and ``nesta.json`` into an open run (no commit)."""
-    tensors, aliases = unique_state(model)
-    shards = shard_tensors(tensors, shard_bytes)
-    for i, shard in enumerate(shards, start=1):
-        writer.put_tensors(f"model-{i:05d}-of-{len(shards):05d}.safetensors", shard, metadata={"format": "pt"})
-    for path in model_files(model_folder):
-        writer.put_file(os.path.basename(path), path)
-    writer.put_json(NESTA_JSON, {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "tied": aliases})
 
 
 def dense_copy(model: nn.Module) -> nn.Module:

@@ -7,32 +7,48 @@ import pytest
 import torch
 
 import nesta_ray
-from nesta_ray.checkpoint import export_dense, load_any, write_model
+from nesta_ray.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    NESTA_JSON,
+    export_dense,
+    load_any,
+)
 from nesta_ray.errors import CheckpointError
 from nesta_ray.models import LowRankLinear, arch_for
 from nesta_ray.pipeline.layerwise import MethodArgs, compress_layerwise
 from nesta_ray.pipeline.plan import make_plan
-from nesta_ray.sources import load_model
+from nesta_ray.pipeline.reducer import tied_aliases, write_from_stage
+from nesta_ray.pipeline.staging import LayerStage
+from nesta_ray.sources import load_model, model_files
 from nesta_ray.storage import RunWriter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
-def compressed(ray_local, tiny_folder):
-    """A tiny model compressed for real, with its results and source folder."""
+def compressed(ray_local, tiny_folder, tmp_path_factory):
+    """A tiny model compressed for real (its factors staged as a job stages them), with its plan and source."""
     model, _ = load_model(tiny_folder)
     plan = make_plan(model, arch_for("llama"), method="nsvd2", ratio=0.25, k1_fraction=0.9, targets=TARGETS)
     ids = torch.randint(0, 2000, (4, 32), generator=torch.Generator().manual_seed(0))
-    results, _ = compress_layerwise(model, arch_for("llama"), plan, ids, micro_batch=2, mode="original",
-                                    args=MethodArgs("nsvd2", 0.9, 1e-6, 0.5, 1))
-    meta = {"dtype": "float32", "modules": {k: {"rank": int(v["A"].shape[1])} for k, v in results.items()}}
-    return model, meta, tiny_folder
+    stage = LayerStage(str(tmp_path_factory.mktemp("stage")), "fp")
+    compress_layerwise(model, arch_for("llama"), plan, ids, micro_batch=2, mode="original",
+                       args=MethodArgs("nsvd2", 0.9, 1e-6, 0.5, 1), stage=stage)
+    return model, (plan, stage), tiny_folder
 
 
-def _write(model, meta, folder, root, run_id, storage_options=None, shard_bytes=1 << 20):
+def _write(model, staged, folder, root, run_id, storage_options=None, shard_bytes=1 << 20):
+    """Commit a run the way the job's reducer does: tensors from the source and the stage, model files, nesta.json."""
+    plan, stage = staged
     writer = RunWriter(root, run_id, storage_options)
-    write_model(writer, model, folder, meta, shard_bytes)
+    stats = write_from_stage(writer, folder, plan, stage, arch_for("llama"), model.config.num_hidden_layers,
+                             shard_bytes)
+    for path in model_files(folder):
+        writer.put_file(Path(path).name, path)
+    writer.put_json(NESTA_JSON, {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": "float32",
+                                 "modules": {p.name: {"rank": p.rank, **stats[p.name]} for p in plan.modules},
+                                 "tied": tied_aliases(model)})
     return writer.commit()
 
 
@@ -55,7 +71,7 @@ def test_round_trip_gives_the_same_model(compressed, where, tmp_path, s3_server,
     ids = torch.randint(0, 2000, (2, 24))
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
     q = loaded.get_submodule("model.layers.0.self_attn.q_proj")
-    assert isinstance(q, LowRankLinear) and q.rank == meta["modules"]["model.layers.0.self_attn.q_proj"]["rank"]
+    assert isinstance(q, LowRankLinear) and q.rank == next(p.rank for p in meta[0].modules if p.name == "model.layers.0.self_attn.q_proj")
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
     # the loaded model generates
     out = loaded.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
