@@ -1,9 +1,10 @@
 """Pipeline benchmark: the layer-shard pipeline on 1 and 2 workers, against its two lower bounds.
 
 Builds a synthetic Llama-architecture model (random weights) saved as sharded safetensors, then for 1 and 2
-workers measures the wall time of calibration + decomposition, each actor's peak RSS and phase times, and the
-ratios to (a) one plain layer-by-layer forward of the same calibration tokens in one process and (b) the bare
-decomposition time (the sum, over every linear, of its decomposition as timed inside the task). Also runs the
+workers measures the wall time of calibration + decomposition (original mode: micro-batches pipelined between
+shards), each actor's peak RSS and phase times, the 1-minute load average before and after, and the ratios to
+(a) one plain layer-by-layer forward of the same calibration tokens in one process and (b) the bare decomposition
+time (the sum, over every linear, of its decomposition as timed inside the task). Also runs the
 default model (SmolLM2-135M) unless --skip-default. Seeded; writes JSON and prints a markdown table.
 
     python scripts/benchmark_pipeline.py                 # 24 layers x hidden 1024 (about 1.2 GB fp32)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -78,6 +80,7 @@ def bench(name: str, folder: str, args, scratch: Path) -> list[dict]:
     a = plain_forward_seconds(folder, ids, args.micro_batch, threads=1)
     rows = []
     for workers in args.workers:
+        load_before = os.getloadavg()[0]  # this machine may be shared: record how busy it was
         start = time.perf_counter()
         out = compress_sharded(folder, plan, ids, workers=workers, micro_batch=args.micro_batch, mode="original",
                                args=MethodArgs("nsvd1", 0.95, 1e-6, 0.5, threads=1), dtype="float32",
@@ -91,6 +94,7 @@ def bench(name: str, folder: str, args, scratch: Path) -> list[dict]:
             "max_actor_decomposition_s": out["timings"]["max_actor_decomposition"],
             "peak_rss_per_actor_bytes": [x["peak_rss_bytes"] for x in out["actors"]],
             "a_plain_forward_s": a, "b_bare_decomposition_s": b, "wall_over_a_plus_b": wall / (a + b),
+            "loadavg_1min_before_after": [load_before, os.getloadavg()[0]], "cpus": os.cpu_count(),
         })
         print(json.dumps(rows[-1]), flush=True)
     return rows
