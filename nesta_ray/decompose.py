@@ -334,6 +334,7 @@ def decompose(
     alpha: float = 0.5,
     whitening: Whitening | None = None,
     k1: int | None = None,
+    k1_tol: float | None = None,
     usv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> Factors:
@@ -341,8 +342,8 @@ def decompose(
 
     ``svd`` needs nothing else; ``asvd0`` needs ``abs_mean`` (n,); the whitened methods need ``gram`` (n, n)
     or a precomputed ``whitening`` of it (so layers that share an input share one factorisation).
-    ``nsvd*`` keep k1 of the whitened SVD (``k1`` if given, e.g. from ``k1_by_tolerance``, else round(f·k)) and
-    spend k2 = k − k1 on a plain SVD of the residual. ``usv`` is ``whitened_svd(W, whitening)`` computed once and
+    ``nsvd*`` keep k1 of the whitened SVD (``k1`` if given; else ``k1_by_tolerance(σ, k, k1_tol)`` when ``k1_tol``
+    is given; else round(f·k)) and spend k2 = k − k1 on a plain SVD of the residual. ``usv`` is ``whitened_svd(W, whitening)`` computed once and
     reused across ranks (it needs ``whitening`` too). Raises ValueError for an unknown method, a bad rank or k1,
     NumericalError for non-finite inputs or results.
     """
@@ -359,6 +360,11 @@ def decompose(
         raise ValueError("usv (a precomputed whitened SVD) needs the whitening it was computed with")
     if k1 is not None and not (method.startswith("nsvd") and 0 <= k1 <= rank):
         raise ValueError(f"k1 = {k1} needs an nsvd method and 0 <= k1 <= rank {rank}")
+    if k1 is not None and k1_tol is not None:
+        raise ValueError("give k1 or k1_tol, not both")
+    if method.startswith("nsvd") and k1 is None and k1_tol is not None:
+        usv = usv if usv is not None else _svd(wh.apply(W64))  # the same SVD then serves the first stage
+        k1 = k1_by_tolerance(usv[1], rank, k1_tol)
     if method.startswith("nsvd"):
         k1, k2 = (k1, rank - k1) if k1 is not None else split_rank(rank, k1_fraction)
     else:
@@ -392,6 +398,7 @@ def decompose_group(
     k1_fraction: float = 0.95,
     damping: float = 1e-6,
     alpha: float = 0.5,
+    k1_tol: float | None = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Factors]:
     """Decompose linears that read the same input (e.g. q/k/v) with one shared whitening of their Gram.
@@ -402,7 +409,7 @@ def decompose_group(
     return {
         name: decompose(
             W, method, ranks[name], gram=gram, abs_mean=abs_mean, k1_fraction=k1_fraction, damping=damping,
-            alpha=alpha, whitening=wh, out_dtype=out_dtype,
+            alpha=alpha, whitening=wh, k1_tol=k1_tol, out_dtype=out_dtype,
         )
         for name, W in weights.items()
     }

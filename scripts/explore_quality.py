@@ -228,16 +228,20 @@ def summary(nll: dict[str, float]) -> float:
 def collect(paths: list[str]) -> str:
     """One markdown table over many result files: per file, ratio and variant, the mean log-perplexity over the
     non-calibration sets, its difference to asvd1 of the same file and ratio, and c4 perplexity relative to asvd1."""
-    body = []
-    for path in paths:
-        data = json.loads(Path(path).read_text())
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+
+    def key(data: dict) -> tuple:  # runs with the same key share calibration statistics and evaluation windows
         a = data["args"]
-        rows = data["rows"]
-        base = {r["ratio"]: r["nll"] for r in rows if r["variant"] == "asvd1"}
-        for r in rows:
+        return data["model_folder"], a["seed"], a.get("mix", "en"), a["calib_windows"], a["eval_windows"]
+
+    base = {(key(d), r["ratio"]): r["nll"] for d in runs for r in d["rows"] if r["variant"] == "asvd1"}
+    body = []
+    for data in runs:
+        a = data["args"]
+        for r in data["rows"]:
             if r["ratio"] == 0.0:
                 continue
-            b = base.get(r["ratio"])
+            b = base.get((key(data), r["ratio"]))
             d = f"{summary(r['nll']) - summary(b):+.4f}" if b else ""
             c4 = f"{math.exp(r['nll'][CALIBRATION_SET] - b[CALIBRATION_SET]):.4f}" if b else ""
             body.append([data["model_folder"].split("-")[0], str(a["seed"]), a.get("mix", "en"),

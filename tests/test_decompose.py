@@ -11,6 +11,7 @@ from nesta_ray.decompose import (
     METHODS,
     allocate_ranks,
     decompose,
+    decompose_group,
     k1_by_tolerance,
     rank_for_ratio,
     split_rank,
@@ -223,8 +224,13 @@ def test_nested_loss_with_tolerance_rule_is_within_the_tolerance():
     optimum = float(tail_energy(usv[1])[k])
     assert (f.k1, f.k2) == (k1, k - k1)
     assert optimum <= f.loss <= (1 + tol) * optimum
-    fresh = decompose(W, "nsvd1", k, gram=G, k1=k1, damping=0.0, out_dtype=F64)  # no cached SVD: same factors
+    fresh = decompose(W, "nsvd1", k, gram=G, k1_tol=tol, damping=0.0, out_dtype=F64)  # rule inside, no cached SVD
+    assert fresh.k1 == k1
     torch.testing.assert_close(f.A @ f.B, fresh.A @ fresh.B, rtol=1e-9, atol=1e-10)
+    group = decompose_group({"w": W}, {"w": k}, "nsvd1", gram=G, k1_tol=tol, damping=0.0, out_dtype=F64)
+    assert group["w"].k1 == k1
+    with pytest.raises(ValueError, match="not both"):
+        decompose(W, "nsvd1", k, gram=G, k1=k1, k1_tol=tol)
 
 
 def test_explicit_k1_and_usv_are_validated():
