@@ -53,9 +53,13 @@ def test_llama70b_dry_run_plans_eight_actors_from_the_meta_device(capsys):
 
 def test_a_job_that_cannot_fit_is_refused_before_any_work(capsys):
     code = compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run",
-                          "--set", "runtime.device_memory_gb=8"])
+                          "--set", "runtime.host_memory_gb=64"])
     err = capsys.readouterr().err
-    assert code == 2 and "actor 0 (layers 0-9) needs" in err and "raise runtime.workers" in err
+    assert code == 2 and "actor 0 (layers 0-9) needs" in err and "host memory" in err and "raise runtime.workers" in err
+    code = compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run",
+                          "--set", "runtime.device_memory_gb=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "device memory" in err and "raise runtime.workers" not in err
 
 
 def test_export_dense_and_the_evaluate_cli_on_both_outputs(ray_local, tiny3_folder, tmp_path, capsys):
