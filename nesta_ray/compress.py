@@ -73,7 +73,9 @@ def dry_run(cfg: JobConfig) -> str:
     by_proj: dict[tuple, list] = defaultdict(list)
     for p in plan.modules:
         by_proj[(p.name.rsplit(".", 1)[-1], p.m, p.n, p.rank, p.k1, p.k2)].append(p)
-    rows = [[proj, len(ps), f"{m}x{n}", rank, f"{k1}+{k2}", f"{m * n * len(ps):,}", f"{rank * (m + n) * len(ps):,}"]
+    per_matrix = cfg.method.k1_tolerance is not None and cfg.method.name.startswith("nsvd")
+    rows = [[proj, len(ps), f"{m}x{n}", rank, "by tolerance" if per_matrix else f"{k1}+{k2}", f"{m * n * len(ps):,}",
+             f"{rank * (m + n) * len(ps):,}"]
             for (proj, m, n, rank, k1, k2), ps in by_proj.items()]
     dtype_bytes = torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8
     cal = cfg.calibration

@@ -44,6 +44,22 @@ def test_embedded_and_sharded_jobs_write_identical_checkpoints(ray_local, tiny3_
     assert (tmp_path / "b" / "latest").read_text().strip() == sharded["run_id"]
 
 
+def test_k1_tolerance_picks_k1_per_matrix_identically_embedded_and_sharded(ray_local, tiny3_folder, tmp_path):
+    def cfg(out, workers):
+        raw = _cfg(tiny3_folder, out, workers).model_dump(mode="json")
+        raw["method"]["k1_tolerance"] = 0.5
+        raw["evaluation"]["sets"] = []
+        return validate(raw)
+
+    embedded, sharded = run_job(cfg(tmp_path / "a", 0)), run_job(cfg(tmp_path / "b", 2))
+    a, b = _tensors(embedded), _tensors(sharded)
+    assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
+    k1s = {m["k1"] / m["rank"] for m in embedded["modules"].values()}
+    assert len(k1s) > 3 and min(k1s) < 0.95  # chosen per matrix, not one global fraction
+    meta = json.loads((Path(embedded["run_uri"]) / "nesta.json").read_text())
+    assert meta["k1_tolerance"] == 0.5
+
+
 def test_llama70b_dry_run_plans_eight_actors_from_the_meta_device(capsys):
     assert compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -77,7 +77,8 @@ class _Prepared:
             W, wh, usv, gram, abs_mean = self.entries[name]
             start = time.perf_counter()
             f = decompose(W, method.name, rank, gram=gram, abs_mean=abs_mean, k1_fraction=method.k1_fraction,
-                          damping=method.damping, alpha=method.alpha, whitening=wh, usv=usv)
+                          damping=method.damping, alpha=method.alpha, whitening=wh, usv=usv,
+                          k1_tol=method.k1_tolerance if method.name.startswith("nsvd") else None)
             out[name] = {"A": f.A.numpy(), "B": f.B.numpy(), "k1": f.k1, "k2": f.k2, "loss": f.loss,
                          "relative_loss": f.relative_loss, "fallbacks": f.fallbacks,
                          "seconds": time.perf_counter() - start}

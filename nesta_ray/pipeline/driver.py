@@ -232,7 +232,7 @@ def _compress(cfg: JobConfig, folder: str, model: torch.nn.Module | None, spec, 
     layers computed in this run. Afterwards every planned layer is staged (and installed in ``model``, if any)."""
     computed = sorted(set(plan.layers()) - set(staged_before))
     args = MethodArgs(cfg.method.name, cfg.method.k1_fraction, cfg.method.damping, cfg.method.alpha,
-                      cfg.runtime.threads_per_task)
+                      threads=cfg.runtime.threads_per_task, k1_tolerance=cfg.method.k1_tolerance)
     cal = cfg.calibration
     if not computed:
         progress.add_task(f"all {len(staged_before)} layers already staged", total=None)
@@ -339,7 +339,8 @@ def _nesta_meta(cfg: JobConfig, report: dict, tied: dict[str, str]) -> dict:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "nesta_ray_version": __version__,
         "run_id": report["run_id"], "dtype": cfg.model.dtype, "method": cfg.method.name, "ratio": cfg.method.ratio,
-        "k1_fraction": cfg.method.k1_fraction, "damping": cfg.method.damping, "alpha": cfg.method.alpha,
+        "k1_fraction": cfg.method.k1_fraction, "k1_tolerance": cfg.method.k1_tolerance, "damping": cfg.method.damping,
+        "alpha": cfg.method.alpha,
         "modules": report["modules"], "fallbacks": report["fallbacks"], "parameters": report["parameters"],
         "tied": tied,
         "fingerprints": {"model": report["model"]["fingerprint"], "calibration": report["calibration"]["fingerprint"],

@@ -35,6 +35,7 @@ class MethodArgs:
     damping: float
     alpha: float
     threads: int
+    k1_tolerance: float | None = None  # nsvd: per-matrix k1 from the whitened spectrum instead of k1_fraction
 
 
 @dataclass
@@ -105,7 +106,7 @@ def submit_groups(model: nn.Module, groups: dict[str, list[ModulePlan]], grams: 
         weights = group_weights(model, plans)
         refs.append(remote.remote(
             weights, {p.name: p.rank for p in plans}, args.method, grams[group], abs_means[group],
-            args.k1_fraction, args.damping, args.alpha, args.threads,
+            args.k1_fraction, args.damping, args.alpha, args.threads, args.k1_tolerance,
         ))
     return refs
 

@@ -134,7 +134,8 @@ class LayerShard:
             gram, abs_mean = acc.gram().numpy(), acc.abs_mean().numpy()  # (n, n), (n,) float64
             del acc
             part = decompose_group_arrays(self.backend.weights(i, plans), {p.name: p.rank for p in plans},
-                                          a.method, gram, abs_mean, a.k1_fraction, a.damping, a.alpha, a.threads)
+                                          a.method, gram, abs_mean, a.k1_fraction, a.damping, a.alpha, a.threads,
+                                          a.k1_tolerance)
             self.task_seconds += [r["seconds"] for r in part.values()]
             layer_results.update(part)
         del self.grams[i]

@@ -18,6 +18,7 @@ def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
 def decompose_group_arrays(
     weights: dict[str, np.ndarray], ranks: dict[str, int], method: str, gram: np.ndarray | None,
     abs_mean: np.ndarray | None, k1_fraction: float, damping: float, alpha: float, threads: int,
+    k1_tolerance: float | None = None,
 ) -> dict[str, dict]:
     """Decompose the linears of one input group; factors come back as float32 numpy arrays with their statistics.
 
@@ -27,7 +28,7 @@ def decompose_group_arrays(
     start = time.perf_counter()
     factors = decompose_group(
         {k: _tensor(v) for k, v in weights.items()}, ranks, method, gram=_tensor(gram), abs_mean=_tensor(abs_mean),
-        k1_fraction=k1_fraction, damping=damping, alpha=alpha,
+        k1_fraction=k1_fraction, damping=damping, alpha=alpha, k1_tol=k1_tolerance,
     )
     seconds = (time.perf_counter() - start) / max(len(factors), 1)
     return {
