@@ -77,13 +77,27 @@ def read_dataset(name: str, split: str = "train", text_field: str = "text", subs
     return "\n\n".join(str(t) for t in ds[text_field] if t)
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer starts every encoding with it by default (Gemma does; SmolLM2 does not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a")["input_ids"]
+    return bos if bos is not None and ids and ids[0] == bos and len(ids) > len(tokenizer("a", add_special_tokens=False)["input_ids"]) else None
+
+
 def token_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
-    """Non-overlapping windows (num_windows, seq_len) of the text's token ids (no special tokens added)."""
+    """Non-overlapping windows (num_windows, seq_len) of the text's token ids. A model whose tokenizer adds BOS by
+    default sees every window start with BOS (then seq_len − 1 text tokens), as it saw in training; no other
+    special tokens are added."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    count = len(ids) // seq_len
+    bos = leading_bos(tokenizer)
+    body = seq_len - (bos is not None)
+    count = len(ids) // body
     if count == 0:
         raise DataError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+    windows = torch.tensor(ids[: count * body], dtype=torch.long).view(count, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((count, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
 
 
 def pick_windows(

@@ -62,3 +62,19 @@ def test_windows_are_non_overlapping_and_selection_is_seeded():
     with pytest.raises(DataError, match="fewer than one window"):
         token_windows(_CharTokenizer(), "abc", 7)
     assert fingerprint_tokens(a) == fingerprint_tokens(a.clone()) != fingerprint_tokens(w[:4])
+
+
+def test_windows_start_with_bos_only_for_tokenizers_that_add_it(smollm_folder):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(smollm_folder)  # SmolLM2 adds no BOS
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    windows = token_windows(plain, text, 16)
+    assert windows[0, 0].item() != plain.bos_token_id
+    with_bos = AutoTokenizer.from_pretrained(smollm_folder)  # the same vocabulary, made to add BOS like Gemma's
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{with_bos.bos_token} $A", special_tokens=[(with_bos.bos_token, with_bos.bos_token_id)])
+    bos_windows = token_windows(with_bos, text, 16)
+    assert bos_windows.shape[1] == 16 and (bos_windows[:, 0] == with_bos.bos_token_id).all()
+    assert bos_windows[0, 1:].tolist() == windows.flatten()[:15].tolist()  # then the text, 15 tokens per window
