@@ -54,12 +54,12 @@ class RatioChoice:
 
 
 class _Prepared:
-    """Per linear: its float64 weight, its group's whitening (shared with the other linears of the group), its
-    whitened SVD, and its group's Gram and abs-mean."""
+    """Per linear: its group's whitening (shared with the other linears of the group), its whitened SVD, and its
+    group's Gram and abs-mean. Weights are read from the model when needed (not cached in float64)."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec, method: MethodConfig, stats: dict[int, tuple[dict, dict]],
                  names: dict[str, tuple[int, str]]) -> None:
-        self.entries: dict[str, tuple] = {}
+        self.model, self.entries = model, {}
         whitenings: dict[tuple[int, str], Whitening | None] = {}
         for name, (layer, group) in names.items():
             grams, abs_means = stats[layer]
@@ -69,12 +69,13 @@ class _Prepared:
             wh = whitenings[(layer, group)]
             W = model.get_submodule(name).weight.detach().to(torch.float64)  # (m, n)
             usv = whitened_svd(W, wh) if method.name in _WHITENED else None
-            self.entries[name] = (W, wh, usv, gram, abs_mean)
+            self.entries[name] = (wh, usv, gram, abs_mean)
 
     def factors(self, method: MethodConfig, ranks: dict[str, int]) -> dict[str, dict]:
         out = {}
         for name, rank in ranks.items():
-            W, wh, usv, gram, abs_mean = self.entries[name]
+            wh, usv, gram, abs_mean = self.entries[name]
+            W = self.model.get_submodule(name).weight.detach()  # (m, n), decompose works in float64
             start = time.perf_counter()
             f = decompose(W, method.name, rank, gram=gram, abs_mean=abs_mean, k1_fraction=method.k1_fraction,
                           damping=method.damping, alpha=method.alpha, whitening=wh, usv=usv,
