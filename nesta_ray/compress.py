@@ -100,9 +100,15 @@ def dry_run(cfg: JobConfig) -> str:
                            [[s["actor"], s["layers"], gib(s["weights_bytes"]), gib(s["device_peak_bytes"]),
                              gib(s["host_peak_bytes"]), gib(s["read_bytes"]), gib(s["write_bytes"]),
                              f"{s['calibration_s'] / 3600:.2f}", f"{s['decomposition_s'] / 3600:.2f}"] for s in shards]))
-        total = sum(s["calibration_s"] for s in shards) + max(s["decomposition_s"] for s in shards)
-        lines.append(f"time estimate: {total / 3600:.2f} h (calibration passes shard to shard, then the last shard "
-                     f"decomposes; rates {rates_src}: matmul {rates.matmul_gflops:,.0f} GFLOP/s, "
+        if cal.mode == "original":  # micro-batches stream through the shards; the earlier ones fill the pipe
+            batches = -(-cal.num_sequences // cal.micro_batch)
+            fill = sum(s["calibration_s"] for s in shards[:-1]) / batches
+            total = max(s["calibration_s"] for s in shards) + fill + max(s["decomposition_s"] for s in shards)
+            how = "micro-batches pipelined through the shards, then each decomposes its own layers"
+        else:
+            total = sum(s["calibration_s"] + s["decomposition_s"] for s in shards)
+            how = "propagate: each shard calibrates and compresses its layers before the next one starts"
+        lines.append(f"time estimate: {total / 3600:.2f} h ({how}; rates {rates_src}: matmul {rates.matmul_gflops:,.0f} GFLOP/s, "
                      f"SVD {rates.svd_gflops:,.1f} GFLOP/s, read {rates.read_gbps} GB/s, write {rates.write_gbps} GB/s)")
         lines.append(f"fits: every actor within {cfg.runtime.device_memory_gb} GiB device / "
                      f"{cfg.runtime.host_memory_gb} GiB host memory")
