@@ -60,9 +60,9 @@ class MethodConfig(_Strict):
                                            "remove, in [0, 1), or auto (the largest ratio method.auto allows)")
     auto: AutoRatioConfig | None = Field(None, description="with ratio: auto, the perplexity bound that picks the ratio")
     k1_fraction: float = Field(0.95, ge=0.0, le=1.0, description="share of the rank given to the whitened stage of nsvd, in [0, 1]")
-    k1_tolerance: float | None = Field(None, ge=0.0, description="nsvd: choose k1 per matrix instead, the smallest "
-                                       "whose whitened loss is within (1 + tolerance) of the rank-k optimum "
-                                       "(k1_fraction is then unused)")
+    k1_tolerance: float | None = Field(0.02, ge=0.0, description="nsvd: k1 per matrix, the smallest whose whitened "
+                                       "loss is within (1 + tolerance) of the rank-k optimum (default 0.02, chosen "
+                                       "by docs/quality.md); null uses the global k1_fraction instead")
     damping: float = Field(1e-6, ge=0.0, le=0.1, description="relative Gram damping λ (λ·mean diag added), in [0, 0.1]")
     alpha: float = Field(0.5, gt=0.0, le=2.0, description="ASVD scaling exponent, in (0, 2]")
     targets: list[str] = Field(default_factory=lambda: list(ALL_TARGETS), min_length=1, description=f"linears to compress, from {ALL_TARGETS}")
