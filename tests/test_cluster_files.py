@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import re
-import shlex
 from pathlib import Path
 
 import jsonschema

@@ -13,7 +13,7 @@ from nesta_ray.drift import layer_scores, relative_error
 from nesta_ray.errors import NumericalError
 from nesta_ray.nightly import main as nightly_main
 from nesta_ray.nightly import run_night
-from nesta_ray.storage import list_names, list_runs, read_bytes, url_to_fs
+from nesta_ray.storage import list_names, list_runs, read_bytes
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
