@@ -26,28 +26,26 @@ from nesta_ray.checkpoint import NESTA_JSON, load_compressed
 from nesta_ray.config import JobConfig, load_config
 from nesta_ray.data import pick_windows
 from nesta_ray.drift import layer_scores, relative_error
-from nesta_ray.errors import CheckpointError, NestaError
+from nesta_ray.errors import NestaError
 from nesta_ray.html_report import render_html
 from nesta_ray.metrics import JobMetrics
 from nesta_ray.models import arch_for
 from nesta_ray.pipeline.driver import TextCache, calibration_ids, ensure_ray, run_job
 from nesta_ray.pipeline.layerwise import collect_statistics
 from nesta_ray.sources import load_model, resolve_model
-from nesta_ray.storage import (join, list_names, list_runs, put_object, read_json, remove_tree, resolve_run,
-                               check_storage)
+from nesta_ray.storage import (check_storage, join, list_names, list_runs, put_object, read_json, remove_tree,
+                               resolve_run)
 
 NIGHTS = "nights"
 STAMP = "%Y%m%dT%H%M%S%fZ"
 
 
 def published_run(cfg: JobConfig) -> str | None:
-    """URI of the run ``latest`` names under the output root, or None before the first publish."""
-    try:
-        return resolve_run(cfg.output.uri, cfg.output.storage_options)
-    except CheckpointError as err:
-        if "neither manifest.json nor latest" in str(err):
-            return None
-        raise
+    """URI of the run ``latest`` names under the output root, or None before the first publish. Raises
+    CheckpointError when ``latest`` names a run that is not there."""
+    if "latest" not in list_names(cfg.output.uri, cfg.output.storage_options):
+        return None
+    return resolve_run(cfg.output.uri, cfg.output.storage_options)
 
 
 def last_record(cfg: JobConfig) -> dict | None:
