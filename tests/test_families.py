@@ -85,7 +85,8 @@ def test_jobs_write_identical_tied_checkpoints_that_load_to_the_in_memory_model(
     model, tokenizer = load_model(family_folder)  # the job's embedded path, in memory
     compress_layerwise(model, arch_for(model.config.model_type), build_plan(model, cfg),
                        calibration_ids(cfg, TextCache(tokenizer)), micro_batch=2, mode="original",
-                       args=MethodArgs("nsvd1", 0.95, 1e-6, 0.5, threads=cfg.runtime.threads_per_task))
+                       args=MethodArgs("nsvd1", 0.95, 1e-6, 0.5, threads=cfg.runtime.threads_per_task,
+                                       k1_tolerance=cfg.method.k1_tolerance))
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
