@@ -20,7 +20,6 @@ import sys
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
 from nesta_ray.checkpoint import NESTA_JSON, load_compressed
 from nesta_ray.config import JobConfig, load_config
@@ -70,13 +69,17 @@ def heldout_ids(cfg: JobConfig, texts: TextCache) -> torch.Tensor:
     return spare[order[: cfg.nightly.sample_sequences].sort().values]
 
 
-def run_errors(cfg: JobConfig, run_uri: str, ids: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
+def run_id_of(run_uri: str) -> str:
+    """The run id, the last part of a run URI."""
+    return run_uri.rstrip("/").rsplit("/", 1)[1]
+
+
+def run_errors(cfg: JobConfig, dense: torch.nn.Module, run_uri: str,
+               ids: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
     """Relative output error of every compressed linear of the run at ``run_uri`` under the Grams of token windows
-    ``ids`` (n, L) through the dense source model, and each linear's layer."""
+    ``ids`` (n, L) through ``dense``, the source model (left unchanged), and each linear's layer."""
     opts = cfg.output.storage_options
     meta = read_json(join(run_uri, NESTA_JSON), opts)
-    dense, _ = load_model(resolve_model(cfg.model.source, cfg.model.cache_dir, cfg.model.storage_options),
-                          getattr(torch, cfg.model.dtype))
     spec = arch_for(dense.config.model_type)
     layer_re = re.compile(rf"^{re.escape(spec.layers)}\.(\d+)\.")
     layer_of = {name: int(layer_re.match(name).group(1)) for name in meta["modules"]}
@@ -94,7 +97,7 @@ def baseline_errors(cfg: JobConfig, run_uri: str) -> tuple[dict[str, float], str
     """Per-linear relative error the run had when it was made: the held-out errors a night recorded after
     publishing it, else (a run not made by a night, or without spare windows) the in-sample calibration loss from
     nesta.json, which understates the error of any new sample; the second value says which."""
-    run_id = run_uri.rstrip("/").rsplit("/", 1)[1]
+    run_id = run_id_of(run_uri)
     root = join(cfg.output.uri, NIGHTS)
     for name in reversed([n for n in list_names(root, cfg.output.storage_options) if n.endswith(".json")]):
         baseline = read_json(join(root, name), cfg.output.storage_options).get("baseline") or {}
@@ -133,17 +136,18 @@ def run_night(cfg: JobConfig, now: datetime.datetime | None = None) -> dict[str,
     record: dict[str, Any] = {"time": now.isoformat(), "previous_night": previous and previous["time"],
                               "threshold": cfg.nightly.drift_threshold}
     run_uri = published_run(cfg)
-    record["published_before"] = run_uri and run_uri.rstrip("/").rsplit("/", 1)[1]
+    record["published_before"] = run_uri and run_id_of(run_uri)
     ensure_ray(cfg.runtime.ray_address, cfg.runtime.num_cpus)
-    texts = TextCache(AutoTokenizer.from_pretrained(
-        resolve_model(cfg.model.source, cfg.model.cache_dir, cfg.model.storage_options)))
+    dense, tokenizer = load_model(resolve_model(cfg.model.source, cfg.model.cache_dir, cfg.model.storage_options),
+                                  getattr(torch, cfg.model.dtype))  # loaded once per night: scores and baseline
+    texts = TextCache(tokenizer)
     if run_uri is None:
         record["decision"], record["reason"] = "recompress", "no published run yet"
     else:
         sample = cfg.model_copy(update={"calibration": cfg.calibration.model_copy(
             update={"num_sequences": cfg.nightly.sample_sequences})})
         ids = calibration_ids(sample, texts)
-        now_errors, layer_of = run_errors(cfg, run_uri, ids)
+        now_errors, layer_of = run_errors(cfg, dense, run_uri, ids)
         then_errors, record["baseline_source"] = baseline_errors(cfg, run_uri)
         scores = layer_scores(then_errors, now_errors, layer_of)
         record["drift"] = {"layers": scores, "max": max(scores.values()), "tokens": ids.numel()}
@@ -161,9 +165,9 @@ def run_night(cfg: JobConfig, now: datetime.datetime | None = None) -> dict[str,
         heldout = heldout_ids(cfg, texts)
         if report["published"] and len(heldout):
             record["baseline"] = {"run_id": report["run_id"], "tokens": heldout.numel(),
-                                  "errors": run_errors(cfg, report["run_uri"], heldout)[0]}
+                                  "errors": run_errors(cfg, dense, report["run_uri"], heldout)[0]}
     latest = published_run(cfg)
-    record["removed_runs"] = prune_runs(cfg, cfg.nightly.keep_runs, latest and latest.rstrip("/").rsplit("/", 1)[1])
+    record["removed_runs"] = prune_runs(cfg, cfg.nightly.keep_runs, latest and run_id_of(latest))
     stamp = now.strftime(STAMP)
     put_object(join(cfg.output.uri, NIGHTS, f"{stamp}.json"),
                (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), cfg.output.storage_options)

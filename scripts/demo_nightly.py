@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = list_names(str(output / "nights"))
-    for n in names:
-        shutil.copy(output / "nights" / n, out / n)
+    for n in names:  # the records name the temporary model folder; keep this machine's paths out of results
+        text = (output / "nights" / n).read_text().replace(str(work), "WORKDIR")
+        (out / n).write_text(text)
     (out / "summary.json").write_text(json.dumps({"layers_cut_to": args.layers, "nights": summary}, indent=2) + "\n")
     last_page = [n for n in names if n.endswith(".html")][-1]
     print(f"wrote {out}/summary.json, the night records and {out / last_page} ({len(read_bytes(str(output / 'nights' / last_page)))} bytes)")

@@ -12,7 +12,7 @@ ORDER = ["errors", "decompose", "calibration", "models", "storage", "sources", "
          "pipeline.backends", "pipeline.shard", "pipeline.sharded", "pipeline.reducer", "pipeline.driver", "compress", "nightly"]
 # Third-party packages allowed only in these modules.
 BOUNDARIES = {"ray": {"metrics", "pipeline.layerwise", "pipeline.sharded", "pipeline.driver"}, "fsspec": {"storage"},
-              "transformers": {"sources", "checkpoint", "pipeline.backends", "pipeline.driver", "compress", "nightly"},
+              "transformers": {"sources", "checkpoint", "pipeline.backends", "pipeline.driver", "compress"},
               "deepspeed": {"pipeline.backends"}}
 PURE = {"decompose", "calibration"}  # stdlib + torch + errors only
 
