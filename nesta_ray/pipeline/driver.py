@@ -12,7 +12,7 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import ray
 import torch
@@ -298,16 +298,22 @@ def _auto_rows(report: dict) -> list[dict] | None:
         for p in a["points"]]
 
 
+def _total_fallbacks(linears: Iterable[dict]) -> dict[str, int]:
+    """Fallback counts by kind, summed over linears' statistics (each with a "fallbacks" dict)."""
+    total: dict[str, int] = {}
+    for stats in linears:
+        for kind, n in stats["fallbacks"].items():
+            total[kind] = total.get(kind, 0) + n
+    return total
+
+
 def _layer_metrics(metrics: JobMetrics, plan: Plan, stats: dict[str, dict], computed: list[int]) -> None:
     """One layer_done per layer computed in this run: summed seconds, mean relative loss, summed fallbacks."""
     for layer in computed:
         names = [p.name for p in plan.modules if p.layer == layer]
-        fallbacks: dict[str, int] = {}
-        for name in names:
-            for kind, n in stats[name]["fallbacks"].items():
-                fallbacks[kind] = fallbacks.get(kind, 0) + n
         metrics.layer_done(layer, sum(stats[n]["seconds"] for n in names),
-                           sum(stats[n]["relative_loss"] for n in names) / len(names), fallbacks)
+                           sum(stats[n]["relative_loss"] for n in names) / len(names),
+                           _total_fallbacks(stats[n] for n in names))
 
 
 def _summary(cfg: JobConfig, plan: Plan, stats: dict[str, dict], skeleton: torch.nn.Module, model_fp: str,
@@ -318,10 +324,7 @@ def _summary(cfg: JobConfig, plan: Plan, stats: dict[str, dict], skeleton: torch
         modules[p.name] = {"rank": p.rank, "k1": r["k1"], "k2": r["k2"], "shape": [p.m, p.n], "loss": r["loss"],
                            "relative_loss": r["relative_loss"], "fallbacks": r["fallbacks"],
                            "seconds": round(r["seconds"], 4)}
-    fallbacks: dict[str, int] = {}
-    for mod in modules.values():
-        for k, v in mod["fallbacks"].items():
-            fallbacks[k] = fallbacks.get(k, 0) + v
+    fallbacks = _total_fallbacks(modules.values())
     return {
         "model": {"source": cfg.model.source, "model_type": skeleton.config.model_type, "fingerprint": model_fp},
         "method": cfg.method.model_dump(),
