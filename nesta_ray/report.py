@@ -103,6 +103,15 @@ def run_markdown(report: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def total_fallbacks(linears: Iterable[dict]) -> dict[str, int]:
+    """Numerical fallback counts by kind, summed over linears (each a dict with a "fallbacks" dict)."""
+    total: dict[str, int] = {}
+    for stats in linears:
+        for kind, n in stats["fallbacks"].items():
+            total[kind] = total.get(kind, 0) + n
+    return total
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` with every non-finite float replaced by the string "inf", "-inf" or "nan" (strict JSON has none)."""
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -28,7 +28,7 @@ from nesta_ray.pipeline.layerwise import MethodArgs, collect_statistics, install
 from nesta_ray.pipeline.plan import make_plan
 from nesta_ray.data import pick_windows, read_text, token_windows
 from nesta_ray.evaluate import perplexity
-from nesta_ray.report import table
+from nesta_ray.report import table, total_fallbacks
 from nesta_ray.sources import load_model, resolve_model
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             decompose_s = time.perf_counter() - start
             row = {"method": method, "ratio": ratio, **_evaluate(model, sets), "decompose_s": round(decompose_s, 1),
                    "params_after": plan.params_after, "params_before": plan.params_before,
-                   "fallbacks": _fallbacks(results)}
+                   "fallbacks": total_fallbacks(results.values())}
             rows.append(row)
             print(f"{method} {ratio}: {_ppl_line(row)} ({decompose_s:.0f}s)", flush=True)
             for name, module in originals.items():
@@ -132,14 +132,6 @@ def _evaluate(model, sets: dict[str, torch.Tensor]) -> dict:
     res = {name: perplexity(model, ids, name=name) for name, ids in sets.items()}
     return {"perplexity": {k: r.perplexity for k, r in res.items()},
             "nonfinite_windows": {k: r.nonfinite_windows for k, r in res.items()}}
-
-
-def _fallbacks(results: dict[str, dict]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for r in results.values():
-        for k, v in r["fallbacks"].items():
-            total[k] = total.get(k, 0) + v
-    return total
 
 
 def _ppl_line(row: dict) -> str:

@@ -12,7 +12,7 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import ray
 import torch
@@ -37,7 +37,7 @@ from nesta_ray.pipeline.plan import ModelShape, Plan, Rates, check_fit, make_pla
 from nesta_ray.pipeline.shard import StageRef
 from nesta_ray.pipeline.sharded import compress_sharded, shard_ranges
 from nesta_ray.pipeline.staging import LayerStage, job_fingerprint
-from nesta_ray.report import json_safe, run_markdown
+from nesta_ray.report import json_safe, run_markdown, total_fallbacks
 from nesta_ray.requestlogs import log_calibration_ids
 from nesta_ray.sources import fingerprint_model, load_model, model_files, resolve_model
 from nesta_ray.storage import RunWriter, check_storage
@@ -298,22 +298,13 @@ def _auto_rows(report: dict) -> list[dict] | None:
         for p in a["points"]]
 
 
-def _total_fallbacks(linears: Iterable[dict]) -> dict[str, int]:
-    """Fallback counts by kind, summed over linears' statistics (each with a "fallbacks" dict)."""
-    total: dict[str, int] = {}
-    for stats in linears:
-        for kind, n in stats["fallbacks"].items():
-            total[kind] = total.get(kind, 0) + n
-    return total
-
-
 def _layer_metrics(metrics: JobMetrics, plan: Plan, stats: dict[str, dict], computed: list[int]) -> None:
     """One layer_done per layer computed in this run: summed seconds, mean relative loss, summed fallbacks."""
     for layer in computed:
         names = [p.name for p in plan.modules if p.layer == layer]
         metrics.layer_done(layer, sum(stats[n]["seconds"] for n in names),
                            sum(stats[n]["relative_loss"] for n in names) / len(names),
-                           _total_fallbacks(stats[n] for n in names))
+                           total_fallbacks(stats[n] for n in names))
 
 
 def _summary(cfg: JobConfig, plan: Plan, stats: dict[str, dict], skeleton: torch.nn.Module, model_fp: str,
@@ -324,7 +315,7 @@ def _summary(cfg: JobConfig, plan: Plan, stats: dict[str, dict], skeleton: torch
         modules[p.name] = {"rank": p.rank, "k1": r["k1"], "k2": r["k2"], "shape": [p.m, p.n], "loss": r["loss"],
                            "relative_loss": r["relative_loss"], "fallbacks": r["fallbacks"],
                            "seconds": round(r["seconds"], 4)}
-    fallbacks = _total_fallbacks(modules.values())
+    fallbacks = total_fallbacks(modules.values())
     return {
         "model": {"source": cfg.model.source, "model_type": skeleton.config.model_type, "fingerprint": model_fp},
         "method": cfg.method.model_dump(),
