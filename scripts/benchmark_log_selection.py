@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from nesta_ray import requestlogs as rl
+from nesta_ray import selection as sel
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"
@@ -104,7 +105,7 @@ def isolation(X: np.ndarray, k: int = 10, chunk: int = 2048) -> np.ndarray:
 
 
 def measure(X, langs, token_ids, isolated, picks) -> dict:
-    dist = rl.coverage(X, picks)
+    dist = sel.coverage(X, picks)
     per_lang = {g: float(dist[[i for i, h in enumerate(langs) if h == g]].mean()) for g in sorted(set(langs))}
     traffic = Counter(t for ids in token_ids for t in ids)
     seen = {t for i in picks for t in token_ids[i]}
@@ -146,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         report = rl.LogSelection()
         files, _ = rl.read_log_files(tmp)
         parsed = rl.parse_files(files, report)
-    keep, report.exact_duplicates, report.near_duplicates = rl.dedup([r.plain() for r in parsed])
+    keep, report.exact_duplicates, report.near_duplicates = sel.dedup([r.plain() for r in parsed])
     texts = [parsed[i].plain() for i in keep]
-    langs, lengths = [rl.language(t) for t in texts], [rl.length_bucket(t) for t in texts]
-    X = rl.features(texts)
+    langs, lengths = [sel.language(t) for t in texts], [sel.length_bucket(t) for t in texts]
+    X = sel.features(texts)
     token_ids = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     iso = isolation(X)
     isolated = iso >= np.quantile(iso, 0.95)
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         for method in METHODS:
             runs = [measure(X, langs, token_ids, isolated,
-                            rl.select(X, langs, lengths, n, method, args.seed + s, args.floor))
+                            sel.select(X, langs, lengths, n, method, args.seed + s, args.floor))
                     for s in range(1 if method == "first" else seeds)]
             results.append({"n": n, "method": method, "seeds": len(runs), **_mean(runs)})
     out = {"command": " ".join(["python scripts/benchmark_log_selection.py", *(argv or sys.argv[1:])]),

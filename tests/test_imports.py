@@ -7,7 +7,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nesta_ray"
 # Each module may import only modules listed before it.
-ORDER = ["errors", "decompose", "calibration", "models", "storage", "sources", "data", "requestlogs", "checkpoint", "config",
+ORDER = ["errors", "decompose", "calibration", "models", "storage", "sources", "data", "selection", "requestlogs", "checkpoint", "config",
          "report", "plots", "html_report", "evaluate", "gate", "drift", "metrics", "pipeline.tasks", "pipeline.plan", "pipeline.staging", "pipeline.layerwise", "pipeline.autoratio",
          "pipeline.backends", "pipeline.shard", "pipeline.sharded", "pipeline.reducer", "pipeline.driver", "compress", "nightly"]
 # Third-party packages allowed only in these modules.

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nesta_ray import requestlogs as rl
+from nesta_ray import selection as sel
 from nesta_ray.errors import DataError
 
 TOPICS = ["invoices", "rockets", "gardening", "chess openings", "tax law", "bread baking", "jazz", "volcanoes"]
@@ -83,7 +84,7 @@ def test_parse_counts_lines_shapes_and_malformed_by_reason(logs):
                                 "unknown shape": 1}
     assert report.first_error.endswith("2024-06-01.jsonl line 101: invalid json")
     assert report.shapes == {"messages": 80 + 13 + 1, "prompt_completion": 13, "text": 80 + 13 + 2}
-    keep, exact, near = rl.dedup([r.plain() for r in requests])
+    keep, exact, near = sel.dedup([r.plain() for r in requests])
     assert (exact, near, len(keep)) == (2, 1, len(rows))
 
 
@@ -99,38 +100,38 @@ def test_openai_shape_and_content_parts():
 
 
 def test_language_and_length_buckets():
-    assert [rl.language(t) for t in (JA[0], ZH[0], CODE[0], CODE[1], "Please explain jazz to me.",
+    assert [sel.language(t) for t in (JA[0], ZH[0], CODE[0], CODE[1], "Please explain jazz to me.",
                                      "Привет, как дела? Расскажи о погоде.")] == ["ja", "zh", "code", "code", "latin",
                                                                                   "other"]
-    assert [rl.length_bucket(t) for t in ("a" * 10, "a" * 300, "語" * 400, "a" * 5000)] == list(rl.LENGTH_BUCKETS)
+    assert [sel.length_bucket(t) for t in ("a" * 10, "a" * 300, "語" * 400, "a" * 5000)] == list(sel.LENGTH_BUCKETS)
 
 
 def test_quotas_are_proportional_with_a_floor_and_capped_by_size():
     sizes = {"latin": 800, "code": 40, "ja": 40, "zh": 40}
-    assert rl.quotas(sizes, 64, 0.05) == {"latin": 52, "code": 4, "ja": 4, "zh": 4}  # floor ceil(3.2) = 4
-    assert rl.quotas(sizes, 64, 0.0) == {"latin": 55, "code": 3, "ja": 3, "zh": 3}  # 55.65 / 2.78: largest remainder
-    assert rl.quotas({"a": 2, "b": 100}, 50, 0.5) == {"b": 48, "a": 2}  # floor 25 capped at a's size
-    assert rl.quotas(sizes, 3, 0.05) == {"latin": 3}  # floors (4 x 1) exceed n: n // 4 = 0 each
-    assert rl.quotas({"a": 3, "b": 2}, 10, 0.1) == {"a": 3, "b": 2}
+    assert sel.quotas(sizes, 64, 0.05) == {"latin": 52, "code": 4, "ja": 4, "zh": 4}  # floor ceil(3.2) = 4
+    assert sel.quotas(sizes, 64, 0.0) == {"latin": 55, "code": 3, "ja": 3, "zh": 3}  # 55.65 / 2.78: largest remainder
+    assert sel.quotas({"a": 2, "b": 100}, 50, 0.5) == {"b": 48, "a": 2}  # floor 25 capped at a's size
+    assert sel.quotas(sizes, 3, 0.05) == {"latin": 3}  # floors (4 x 1) exceed n: n // 4 = 0 each
+    assert sel.quotas({"a": 3, "b": 2}, 10, 0.1) == {"a": 3, "b": 2}
 
 
 def test_selection_keeps_every_language_and_is_deterministic_under_the_seed():
     texts = [r.get("text") or r.get("prompt") or r["messages"][-1]["content"] for r in _traffic()]
-    langs, lengths = [rl.language(t) for t in texts], [rl.length_bucket(t) for t in texts]
+    langs, lengths = [sel.language(t) for t in texts], [sel.length_bucket(t) for t in texts]
     assert Counter(langs) == {"latin": 160, "ja": 13, "zh": 13, "code": 13}
-    X = rl.features(texts)
-    assert X.shape == (len(texts), rl.DIM + 1) and np.allclose(np.linalg.norm(X[:, :rl.DIM], axis=1), 1, atol=1e-5)
-    picks = rl.select(X, langs, lengths, 40, "k-center", 0, 0.1)
-    assert len(set(picks)) == 40 and picks == rl.select(X, langs, lengths, 40, "k-center", 0, 0.1)
-    assert picks != rl.select(X, langs, lengths, 40, "k-center", 1, 0.1)
+    X = sel.features(texts)
+    assert X.shape == (len(texts), sel.DIM + 1) and np.allclose(np.linalg.norm(X[:, :sel.DIM], axis=1), 1, atol=1e-5)
+    picks = sel.select(X, langs, lengths, 40, "k-center", 0, 0.1)
+    assert len(set(picks)) == 40 and picks == sel.select(X, langs, lengths, 40, "k-center", 0, 0.1)
+    assert picks != sel.select(X, langs, lengths, 40, "k-center", 1, 0.1)
     assert Counter(langs[i] for i in picks) == {"latin": 28, "ja": 4, "zh": 4, "code": 4}
     assert {langs[i] for i in picks[:8]} == {"latin", "ja", "zh", "code"}  # interleaved: a prefix keeps every language
-    assert rl.select(X, langs, lengths, 5, "first", 0, 0.1) == [0, 1, 2, 3, 4]
-    dist_k = rl.coverage(X, picks)
-    dist_r = rl.coverage(X, rl.select(X, langs, lengths, 40, "random", 0, 0.1))
+    assert sel.select(X, langs, lengths, 5, "first", 0, 0.1) == [0, 1, 2, 3, 4]
+    dist_k = sel.coverage(X, picks)
+    dist_r = sel.coverage(X, sel.select(X, langs, lengths, 40, "random", 0, 0.1))
     assert dist_k.max() < dist_r.max() and dist_k[picks].max() < 1e-3
     with pytest.raises(ValueError, match="select must be one of"):
-        rl.select(X, langs, lengths, 5, "best", 0, 0.1)
+        sel.select(X, langs, lengths, 5, "best", 0, 0.1)
 
 
 def test_windows_from_a_folder_render_chats_with_the_chat_template(logs, tokenizer):
