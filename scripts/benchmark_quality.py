@@ -26,6 +26,7 @@ from nesta_ray.models import arch_for, set_submodule
 from nesta_ray.pipeline.driver import ensure_ray
 from nesta_ray.pipeline.layerwise import MethodArgs, collect_statistics, install_factors, submit_groups
 from nesta_ray.pipeline.plan import make_plan
+from nesta_ray.config import MethodConfig
 from nesta_ray.data import pick_windows, read_text, token_windows
 from nesta_ray.evaluate import perplexity
 from nesta_ray.report import table, total_fallbacks
@@ -49,7 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=8)
-    p.add_argument("--k1-fraction", type=float, default=0.95)
+    p.add_argument("--k1-fraction", type=float, default=0.95, help="nsvd k1 = round(f·k) when --k1-tolerance none")
+    p.add_argument("--k1-tolerance", type=lambda s: None if s == "none" else float(s),
+                   default=MethodConfig.model_fields["k1_tolerance"].default,
+                   help="nsvd per-matrix k1 from the whitened spectrum (the job's default); 'none' for --k1-fraction")
     p.add_argument("--damping", type=float, default=1e-6)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="8 calibration windows, ratios 0.1 0.2, 2 eval windows")
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in args.ratios:
             start = time.perf_counter()
             plan = make_plan(model, spec, method=method, ratio=ratio, k1_fraction=args.k1_fraction, targets=TARGETS)
-            margs = MethodArgs(method, args.k1_fraction, args.damping, 0.5, threads=1)
+            margs = MethodArgs(method, args.k1_fraction, args.damping, 0.5, threads=1, k1_tolerance=args.k1_tolerance)
             refs = [r for i in plan.layers() for r in submit_groups(model, plan.for_layer(i), grams[i], absm[i], margs)]
             results = {k: v for part in ray.get(refs) for k, v in part.items()}
             install_factors(model, results)
