@@ -14,6 +14,7 @@ import math
 from typing import Any, Iterable, Mapping, Sequence
 
 from nesta_ray.plots import drift_per_layer, layer_error_heatmap, ratio_vs_perplexity
+from nesta_ray.report import method_line, parameter_rows
 
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
@@ -104,14 +105,9 @@ def render_html(report: Mapping[str, Any], *, sweep_rows: Iterable[Mapping[str, 
     title = f"nesta_ray run {report['run_id']}"
     parts = [
         f"<h1>{_text(title)}</h1>",
-        f"<p>method <b>{_text(method['name'])}</b>, target ratio {_text(method['ratio'])}, k1_fraction "
-        f"{_text(method.get('k1_fraction'))}, model <code>{_text(report['model']['source'])}</code></p>",
+        f"<p>{_text(method_line(method))}; model <code>{_text(report['model']['source'])}</code></p>",
         "<h2>Parameters</h2>",
-        table(["scope", "before", "after", "removed"], [
-            ["compressed linears", _num(p["linears_before"]), _num(p["linears_after"]),
-             f"{1 - p['linears_after'] / p['linears_before']:.1%}"],
-            ["whole model", _num(p["model_before"]), _num(p["model_after"]),
-             f"{1 - p['model_after'] / p['model_before']:.1%}"]]),
+        table(["scope", "before", "after", "removed"], parameter_rows(p)),
     ]
     if report.get("gate"):
         parts += _gate_section(report["gate"])

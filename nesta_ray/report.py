@@ -63,20 +63,32 @@ def layer_loss_table(modules: dict[str, dict]) -> str:
     return table(["layer"] + columns, rows)
 
 
+def method_line(method: dict) -> str:
+    """One line naming the method, target ratio and, for nested methods, the k1 rule (report["method"])."""
+    line = f"method {method['name']}, target ratio {method['ratio']}"
+    if not str(method["name"]).startswith("nsvd"):
+        return line
+    tol = method.get("k1_tolerance")
+    if tol is not None:
+        return f"{line}, k1 per matrix: the smallest whose whitened loss is within {tol:.0%} of rank k's"
+    return f"{line}, k1 = {method.get('k1_fraction')}·k"
+
+
+def parameter_rows(p: dict) -> list[list[str]]:
+    """Rows (scope, before, after, removed) of report["parameters"]."""
+    return [[scope, f"{p[before]:,}", f"{p[after]:,}", f"{1 - p[after] / p[before]:.1%}"]
+            for scope, before, after in [("compressed linears", "linears_before", "linears_after"),
+                                         ("whole model", "model_before", "model_after")]]
+
+
 def run_markdown(report: dict) -> str:
     """The run report as markdown: parameters, perplexity before/after, timings, fallbacks, per-layer loss."""
     p = report["parameters"]
     parts = [
         f"# nesta_ray run {report['run_id']}",
-        f"method **{report['method']['name']}**, target ratio {report['method']['ratio']}, "
-        f"k1_fraction {report['method']['k1_fraction']}, model `{report['model']['source']}`",
+        f"{method_line(report['method'])}; model `{report['model']['source']}`",
         "## Parameters",
-        table(["scope", "before", "after", "removed"], [
-            ["compressed linears", f"{p['linears_before']:,}", f"{p['linears_after']:,}",
-             f"{1 - p['linears_after'] / p['linears_before']:.1%}"],
-            ["whole model", f"{p['model_before']:,}", f"{p['model_after']:,}",
-             f"{1 - p['model_after'] / p['model_before']:.1%}"],
-        ]),
+        table(["scope", "before", "after", "removed"], parameter_rows(p)),
     ]
     if report.get("perplexity"):
         parts += ["## Perplexity", before_after_table(report["perplexity"])]

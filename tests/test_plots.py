@@ -12,6 +12,7 @@ from PIL import Image
 
 from nesta_ray.html_report import layer_error_matrix, render_html
 from nesta_ray.plots import drift_per_layer, layer_error_heatmap, ratio_vs_perplexity
+from nesta_ray.report import run_markdown
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -155,3 +156,14 @@ def test_layer_error_matrix_marks_missing_projections():
     layers, projections, values = layer_error_matrix(_report()["modules"], PROJECTIONS)
     assert layers == [0, 1, 2] and projections == PROJECTIONS
     assert math.isnan(values[2][5]) and values[1][0] == pytest.approx(0.002) and values[0][6] == pytest.approx(0.007)
+
+
+def test_both_report_formats_state_the_k1_rule_the_run_used():
+    tolerance, fraction = _report(), _report()
+    for r in (tolerance, fraction):
+        del r["perplexity"]  # run_markdown takes the report before json_safe (floats, not "inf" strings)
+    tolerance["method"]["k1_tolerance"] = 0.02
+    fraction["method"]["k1_tolerance"] = None
+    for render in (render_html, run_markdown):
+        assert "within 2% of rank k" in render(tolerance) and "k1 = " not in render(tolerance)
+        assert "k1 = 0.95·k" in render(fraction) and "within" not in render(fraction)
