@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -36,6 +37,7 @@ CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 EVAL_FILES = {"en_wikipedia": "en_wikipedia.txt", "en_instruct": "en_instruct.txt", "ja_manpages": "ja_manpages.txt",
               "zh_manpages": "zh_manpages.txt", "code": "code_python_stdlib.txt"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CALIBRATION_SET = "c4_heldout"  # held-out windows of the calibration domain; every other set is off-domain
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -126,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                            "threads": torch.get_num_threads()}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows, list(sets)) + "\n")
-    print(markdown(rows, list(sets)))
+    text = markdown(rows, list(sets)) + "\n\n" + bar_table(rows)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
@@ -150,6 +153,26 @@ def markdown(rows: list[dict], names: list[str]) -> str:
 
     body = [[f"{r['ratio']:.0%}", r["method"]] + [cell(r, n) for n in names] for r in rows]
     return table(["ratio", "method"] + names, body)
+
+
+def mean_other_nll(nll: dict[str, float]) -> float:
+    """Mean log-perplexity over the sets that are not the calibration domain."""
+    others = [v for k, v in nll.items() if k != CALIBRATION_SET]
+    return sum(others) / len(others)
+
+
+def bar_table(rows: list[dict]) -> str:
+    """Per (ratio, method): the mean log-perplexity over the non-calibration sets, its difference to asvd1 at the
+    same ratio (negative is better) and c4_heldout perplexity relative to asvd1 (docs/quality.md's bar)."""
+    nll = [(r, {k: math.log(v) for k, v in r["perplexity"].items()}) for r in rows]
+    base = {r["ratio"]: n for r, n in nll if r["method"] == "asvd1"}
+    body = []
+    for r, n in nll:
+        b = base.get(r["ratio"])
+        body.append([f"{r['ratio']:.0%}", r["method"], f"{mean_other_nll(n):.4f}",
+                     f"{mean_other_nll(n) - mean_other_nll(b):+.4f}" if b else "",
+                     f"{math.exp(n[CALIBRATION_SET] - b[CALIBRATION_SET]):.4f}" if b else ""])
+    return table(["ratio", "method", "mean log-ppl (non-calib)", "Δ vs asvd1", "c4 ppl / asvd1"], body)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmark_quality import CORPORA, TARGETS, eval_sets
+from benchmark_quality import CALIBRATION_SET, CORPORA, TARGETS, eval_sets, mean_other_nll
 from nesta_ray.data import pick_windows, read_text, token_windows
 from nesta_ray.decompose import (allocate_ranks, decompose, k1_by_tolerance, rank_for_ratio, split_rank, whiten,
                                  whitened_svd)
@@ -35,8 +35,6 @@ from nesta_ray.models import LowRankLinear, arch_for, decoder_layers, layer_line
 from nesta_ray.pipeline.layerwise import collect_statistics, layer_inputs, run_with_statistics
 from nesta_ray.report import table
 from nesta_ray.sources import load_model, resolve_model
-
-CALIBRATION_SET = "c4_heldout"
 
 
 @dataclass(frozen=True)
@@ -224,12 +222,6 @@ def evaluate(model, sets: dict[str, torch.Tensor]) -> dict[str, float]:
     return {name: perplexity(model, ids, name=name).nll for name, ids in sets.items()}
 
 
-def summary(nll: dict[str, float]) -> float:
-    """Mean log-perplexity over the sets that are not the calibration domain."""
-    others = [v for k, v in nll.items() if k != CALIBRATION_SET]
-    return sum(others) / len(others)
-
-
 def collect(paths: list[str]) -> str:
     """One markdown table over many result files: per file, ratio and variant, the mean log-perplexity over the
     non-calibration sets, its difference to asvd1 of the same file and ratio, and c4 perplexity relative to asvd1."""
@@ -247,11 +239,11 @@ def collect(paths: list[str]) -> str:
             if r["ratio"] == 0.0:
                 continue
             b = base.get((key(data), r["ratio"]))
-            d = f"{summary(r['nll']) - summary(b):+.4f}" if b else ""
+            d = f"{mean_other_nll(r['nll']) - mean_other_nll(b):+.4f}" if b else ""
             c4 = f"{math.exp(r['nll'][CALIBRATION_SET] - b[CALIBRATION_SET]):.4f}" if b else ""
             body.append([data["model_folder"].split("-")[0], str(a["seed"]), a.get("mix", "en"),
                          str(a["calib_windows"]), str(a["eval_windows"]), f"{r['ratio']:.0%}", r["variant"],
-                         f"{summary(r['nll']):.4f}", d, c4, str(r.get("k1_share", ""))])
+                         f"{mean_other_nll(r['nll']):.4f}", d, c4, str(r.get("k1_share", ""))])
     return table(["model", "seed", "calib mix", "calib windows", "eval windows", "ratio", "variant",
                   "mean log-ppl (5 non-calib sets)", "Δ vs asvd1", "c4 ppl / asvd1", "k1 share"], body)
 
@@ -301,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                          "rank_min_max": [min(ranks.values()), max(ranks.values())],
                          "mean_relative_loss": sum(r[2] for r in info.values()) / len(info),
                          "ranks": ranks if variant.alloc else None})
-            print(f"{name} {ratio}: mean_other={summary(nll):.4f} c4={nll[CALIBRATION_SET]:.4f} "
+            print(f"{name} {ratio}: mean_other={mean_other_nll(nll):.4f} c4={nll[CALIBRATION_SET]:.4f} "
                   f"k1_share={k1_share:.3f} ({decompose_s:.0f}s + eval {time.perf_counter() - start - decompose_s:.0f}s)",
                   flush=True)
             for n, module in originals.items():
@@ -328,13 +320,13 @@ def write(args, folder: str, rows: list[dict], names: list[str], seconds: float)
 def markdown(rows: list[dict], names: list[str]) -> str:
     """Perplexity per set, the mean log-ppl over non-calibration sets, and c4 perplexity relative to asvd1."""
     base = {r["ratio"]: r["nll"][CALIBRATION_SET] for r in rows if r["variant"] == "asvd1"}
-    base_other = {r["ratio"]: summary(r["nll"]) for r in rows if r["variant"] == "asvd1"}
+    base_other = {r["ratio"]: mean_other_nll(r["nll"]) for r in rows if r["variant"] == "asvd1"}
     body = []
     for r in rows:
         c4_rel = math.exp(r["nll"][CALIBRATION_SET] - base[r["ratio"]]) if r["ratio"] in base else float("nan")
-        d_other = summary(r["nll"]) - base_other.get(r["ratio"], float("nan"))
+        d_other = mean_other_nll(r["nll"]) - base_other.get(r["ratio"], float("nan"))
         body.append([f"{r['ratio']:.0%}", r["variant"]] + [f"{math.exp(r['nll'][n]):,.2f}" for n in names]
-                    + [f"{summary(r['nll']):.4f}", f"{d_other:+.4f}", f"{c4_rel:.4f}", str(r.get("k1_share", ""))])
+                    + [f"{mean_other_nll(r['nll']):.4f}", f"{d_other:+.4f}", f"{c4_rel:.4f}", str(r.get("k1_share", ""))])
     return table(["ratio", "variant"] + names + ["mean log-ppl (non-calib)", "Δ vs asvd1", "c4 ppl / asvd1",
                                                  "k1 share"], body)
 
