@@ -161,19 +161,23 @@ def mean_other_nll(nll: dict[str, float]) -> float:
     return sum(others) / len(others)
 
 
+def bar_cells(nll: dict[str, float], base: dict[str, float] | None) -> list[str]:
+    """The bar's three cells from per-set NLLs: mean log-ppl over the non-calibration sets, its difference to the
+    asvd1 row ``base`` of the same ratio (negative is better) and c4_heldout perplexity relative to it; the last
+    two are blank without a base."""
+    mean = mean_other_nll(nll)
+    if base is None:
+        return [f"{mean:.4f}", "", ""]
+    return [f"{mean:.4f}", f"{mean - mean_other_nll(base):+.4f}",
+            f"{math.exp(nll[CALIBRATION_SET] - base[CALIBRATION_SET]):.4f}"]
+
+
 def bar_table(rows: list[dict]) -> str:
-    """Per (ratio, method): the mean log-perplexity over the non-calibration sets, its difference to asvd1 at the
-    same ratio (negative is better) and c4_heldout perplexity relative to asvd1 (docs/quality.md's bar)."""
+    """Per (ratio, method): ``bar_cells`` against asvd1 at the same ratio (docs/quality.md's bar)."""
     nll = [(r, {k: math.log(v) for k, v in r["perplexity"].items()}) for r in rows]
     base = {r["ratio"]: n for r, n in nll if r["method"] == "asvd1"}
-    body = []
-    for r, n in nll:
-        b = base.get(r["ratio"])
-        body.append([f"{r['ratio']:.0%}", r["method"], f"{mean_other_nll(n):.4f}",
-                     f"{mean_other_nll(n) - mean_other_nll(b):+.4f}" if b else "",
-                     f"{math.exp(n[CALIBRATION_SET] - b[CALIBRATION_SET]):.4f}" if b else ""])
+    body = [[f"{r['ratio']:.0%}", r["method"]] + bar_cells(n, base.get(r["ratio"])) for r, n in nll]
     return table(["ratio", "method", "mean log-ppl (non-calib)", "Δ vs asvd1", "c4 ppl / asvd1"], body)
-
 
 if __name__ == "__main__":
     sys.exit(main())

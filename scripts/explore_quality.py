@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmark_quality import CALIBRATION_SET, CORPORA, TARGETS, eval_sets, mean_other_nll
+from benchmark_quality import CALIBRATION_SET, CORPORA, TARGETS, bar_cells, eval_sets, mean_other_nll
 from nesta_ray.data import pick_windows, read_text, token_windows
 from nesta_ray.decompose import (allocate_ranks, decompose, k1_by_tolerance, rank_for_ratio, split_rank, whiten,
                                  whitened_svd)
@@ -238,12 +238,9 @@ def collect(paths: list[str]) -> str:
         for r in data["rows"]:
             if r["ratio"] == 0.0:
                 continue
-            b = base.get((key(data), r["ratio"]))
-            d = f"{mean_other_nll(r['nll']) - mean_other_nll(b):+.4f}" if b else ""
-            c4 = f"{math.exp(r['nll'][CALIBRATION_SET] - b[CALIBRATION_SET]):.4f}" if b else ""
             body.append([data["model_folder"].split("-")[0], str(a["seed"]), a.get("mix", "en"),
-                         str(a["calib_windows"]), str(a["eval_windows"]), f"{r['ratio']:.0%}", r["variant"],
-                         f"{mean_other_nll(r['nll']):.4f}", d, c4, str(r.get("k1_share", ""))])
+                         str(a["calib_windows"]), str(a["eval_windows"]), f"{r['ratio']:.0%}", r["variant"]]
+                        + bar_cells(r["nll"], base.get((key(data), r["ratio"]))) + [str(r.get("k1_share", ""))])
     return table(["model", "seed", "calib mix", "calib windows", "eval windows", "ratio", "variant",
                   "mean log-ppl (5 non-calib sets)", "Δ vs asvd1", "c4 ppl / asvd1", "k1 share"], body)
 
@@ -319,14 +316,9 @@ def write(args, folder: str, rows: list[dict], names: list[str], seconds: float)
 
 def markdown(rows: list[dict], names: list[str]) -> str:
     """Perplexity per set, the mean log-ppl over non-calibration sets, and c4 perplexity relative to asvd1."""
-    base = {r["ratio"]: r["nll"][CALIBRATION_SET] for r in rows if r["variant"] == "asvd1"}
-    base_other = {r["ratio"]: mean_other_nll(r["nll"]) for r in rows if r["variant"] == "asvd1"}
-    body = []
-    for r in rows:
-        c4_rel = math.exp(r["nll"][CALIBRATION_SET] - base[r["ratio"]]) if r["ratio"] in base else float("nan")
-        d_other = mean_other_nll(r["nll"]) - base_other.get(r["ratio"], float("nan"))
-        body.append([f"{r['ratio']:.0%}", r["variant"]] + [f"{math.exp(r['nll'][n]):,.2f}" for n in names]
-                    + [f"{mean_other_nll(r['nll']):.4f}", f"{d_other:+.4f}", f"{c4_rel:.4f}", str(r.get("k1_share", ""))])
+    base = {r["ratio"]: r["nll"] for r in rows if r["variant"] == "asvd1"}
+    body = [[f"{r['ratio']:.0%}", r["variant"]] + [f"{math.exp(r['nll'][n]):,.2f}" for n in names]
+            + bar_cells(r["nll"], base.get(r["ratio"])) + [str(r.get("k1_share", ""))] for r in rows]
     return table(["ratio", "variant"] + names + ["mean log-ppl (non-calib)", "Δ vs asvd1", "c4 ppl / asvd1",
                                                  "k1 share"], body)
 
