@@ -149,8 +149,12 @@ def test_head_lists_its_metrics_endpoint_where_prometheus_yml_looks(head):
     prom = yaml.safe_load((REPO / "cluster" / "prometheus.yml").read_text())
     (path,) = next(j for j in prom["scrape_configs"] if j["job_name"] == "ray")["file_sd_configs"][0]["files"]
     local = temp / Path(path).relative_to("/tmp/ray")  # /tmp/ray is Ray's default --temp-dir
+    # The dashboard rewrites the file every 5 s from the live node table; its first write can come before the
+    # node has registered (then it lists only the dashboard's own metrics port), so read until the node appears.
+    targets: list[str] = []
     deadline = time.time() + 60
-    while time.time() < deadline and not local.exists():
+    while time.time() < deadline and f"127.0.0.1:{port}" not in targets:
         time.sleep(1)
-    targets = [t for group in json.loads(local.read_text()) for t in group["targets"]]
+        if local.exists():
+            targets = [t for group in json.loads(local.read_text()) for t in group["targets"]]
     assert f"127.0.0.1:{port}" in targets
