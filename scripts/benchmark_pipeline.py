@@ -24,15 +24,18 @@ from pathlib import Path
 
 import torch
 
-from nesta_ray.data import pick_windows, read_text, token_windows
-from nesta_ray.models import arch_for, decoder_layers, run_layer
-from nesta_ray.pipeline.driver import ensure_ray
-from nesta_ray.pipeline.layerwise import MethodArgs, layer_inputs
-from nesta_ray.pipeline.plan import make_plan
-from nesta_ray.pipeline.shard import StageRef
-from nesta_ray.pipeline.sharded import compress_sharded
-from nesta_ray.report import table
-from nesta_ray.sources import load_model, resolve_model
+from nesta_ray.checkpoint.stage import LayerStage
+from nesta_ray.data.text import pick_windows, read_text, token_windows
+from nesta_ray.io.sources import load_model, resolve_model
+from nesta_ray.method.decompose import Method
+from nesta_ray.model.arch import arch_for
+from nesta_ray.model.calibration import layer_inputs
+from nesta_ray.model.layers import decoder_layers, run_layer
+from nesta_ray.pipeline.ray_env import ensure_ray
+from nesta_ray.pipeline.shard_group import compress_sharded
+from nesta_ray.pipeline.tasks import Work
+from nesta_ray.plan.linears import make_plan
+from nesta_ray.report.markdown import table
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -70,21 +73,20 @@ def bench(name: str, folder: str, args, scratch: Path) -> list[dict]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    ids = pick_windows(token_windows(tok, read_text(str(CORPORA / "en_web_c4_owt.txt")), args.seq_len),
+    ids = pick_windows(token_windows(tok, read_text(str(CORPORA / "en_web_c4_owt.txt")).text, args.seq_len),
                        0, None, args.sequences, 0, "first")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    plan = make_plan(skeleton, arch_for(skeleton.config.model_type), method="nsvd1", ratio=0.2, k1_fraction=0.95,
-                     targets=TARGETS)
+    method = Method("nsvd1", k1_tolerance=None)
+    plan = make_plan(skeleton, arch_for(skeleton.config.model_type), method=method, ratio=0.2, targets=TARGETS)
     model_bytes = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
     a = plain_forward_seconds(folder, ids, args.micro_batch, threads=1)
     rows = []
     for workers in args.workers:
         load_before = os.getloadavg()[0]  # this machine may be shared: record how busy it was
         start = time.perf_counter()
-        out = compress_sharded(folder, plan, ids, workers=workers, micro_batch=args.micro_batch, mode="original",
-                               args=MethodArgs("nsvd1", 0.95, 1e-6, 0.5, threads=1), dtype="float32",
-                               stage=StageRef(str(scratch / f"{name}-w{workers}"), "bench"))
+        out = compress_sharded(folder, ids, Work(plan, method, micro_batch=args.micro_batch, mode="original"),
+                               LayerStage(str(scratch / f"{name}-w{workers}"), "bench"), workers)
         wall = time.perf_counter() - start
         b = sum(x["decompose_seconds"] for x in out["actors"])
         rows.append({

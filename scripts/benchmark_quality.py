@@ -22,16 +22,20 @@ from pathlib import Path
 import ray
 import torch
 
-from nesta_ray.decompose import METHODS
-from nesta_ray.models import arch_for, set_submodule
-from nesta_ray.pipeline.driver import ensure_ray
-from nesta_ray.pipeline.layerwise import MethodArgs, collect_statistics, install_factors, submit_groups
-from nesta_ray.pipeline.plan import make_plan
-from nesta_ray.config import MethodConfig
-from nesta_ray.data import pick_windows, read_text, token_windows
-from nesta_ray.evaluate import perplexity
-from nesta_ray.report import table, total_fallbacks
-from nesta_ray.sources import load_model, resolve_model
+from nesta_ray.config.schema import MethodConfig
+from nesta_ray.data.text import pick_windows, read_text, token_windows
+from nesta_ray.io.sources import load_model, resolve_model
+from nesta_ray.method.decompose import METHODS, Method
+from nesta_ray.model.arch import arch_for
+from nesta_ray.model.calibration import collect_statistics
+from nesta_ray.model.layers import set_submodule
+from nesta_ray.model.lowrank import install_factors
+from nesta_ray.ops.evaluation import perplexity
+from nesta_ray.pipeline.embedded import submit_groups
+from nesta_ray.pipeline.ray_env import ensure_ray
+from nesta_ray.pipeline.tasks import Work
+from nesta_ray.plan.linears import make_plan
+from nesta_ray.report.markdown import table, total_fallbacks
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 EVAL_FILES = {"en_wikipedia": "en_wikipedia.txt", "en_instruct": "en_instruct.txt", "ja_manpages": "ja_manpages.txt",
@@ -68,10 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def eval_sets(tok, corpora: Path, args) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """c4 held-out windows right after the calibration pool, then the first windows of every other file."""
-    c4 = token_windows(tok, read_text(str(corpora / "en_web_c4_owt.txt")), args.seq_len)
+    c4 = token_windows(tok, read_text(str(corpora / "en_web_c4_owt.txt")).text, args.seq_len)
     sets = {"c4_heldout": pick_windows(c4, args.pool_windows, args.eval_windows, None, 0, "first")}
     for name, file in EVAL_FILES.items():
-        windows = token_windows(tok, read_text(str(corpora / file)), args.seq_len)
+        windows = token_windows(tok, read_text(str(corpora / file)).text, args.seq_len)
         sets[name] = pick_windows(windows, 0, args.eval_windows, None, 0, "first")
     return sets, c4
 
@@ -89,11 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     timings = {"load": time.perf_counter() - t0}
 
     t = time.perf_counter()
-    base_plan = make_plan(model, spec, method="svd", ratio=0.1, k1_fraction=1.0, targets=TARGETS)
-    stats = collect_statistics(model, spec, base_plan.layers(), calib, args.micro_batch)
-    grams = {i: {g: ray.put(a) for g, a in gr.items()} for i, (gr, _) in stats.items()}
-    absm = {i: {g: ray.put(a) for g, a in am.items()} for i, (_, am) in stats.items()}
-    del stats
+    base_plan = make_plan(model, spec, method=Method("svd"), ratio=0.1, targets=TARGETS)
+    stats = {i: {g: ray.put(s) for g, s in groups.items()}
+             for i, groups in collect_statistics(model, spec, base_plan.layers(), calib, args.micro_batch).items()}
     timings["calibration"] = time.perf_counter() - t
 
     rows: list[dict] = []
@@ -104,15 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         for ratio in args.ratios:
             start = time.perf_counter()
-            plan = make_plan(model, spec, method=method, ratio=ratio, k1_fraction=args.k1_fraction, targets=TARGETS)
-            margs = MethodArgs(method, args.k1_fraction, args.damping, 0.5, threads=1, k1_tolerance=args.k1_tolerance)
-            refs = [r for i in plan.layers() for r in submit_groups(model, plan.for_layer(i), grams[i], absm[i], margs)]
+            knobs = Method(method, args.k1_fraction, args.k1_tolerance, args.damping)
+            plan = make_plan(model, spec, method=knobs, ratio=ratio, targets=TARGETS)
+            work = Work(plan, knobs)
+            refs = [r for i in plan.layers() for r in submit_groups(model, plan.for_layer(i), stats[i], work)]
             results = {k: v for part in ray.get(refs) for k, v in part.items()}
             install_factors(model, results)
             decompose_s = time.perf_counter() - start
             row = {"method": method, "ratio": ratio, **_evaluate(model, sets), "decompose_s": round(decompose_s, 1),
                    "params_after": plan.params_after, "params_before": plan.params_before,
-                   "fallbacks": total_fallbacks(results.values())}
+                   "fallbacks": total_fallbacks(f.fallbacks for f in results.values())}
             rows.append(row)
             print(f"{method} {ratio}: {_ppl_line(row)} ({decompose_s:.0f}s)", flush=True)
             for name, module in originals.items():

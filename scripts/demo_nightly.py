@@ -18,18 +18,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-from nesta_ray.config import validate
-from nesta_ray.nightly import run_night
-from nesta_ray.sources import load_model, resolve_model
-from nesta_ray.storage import list_names, read_bytes
+from nesta_ray.config.loading import validate
+from nesta_ray.io.sources import load_model, resolve_model
+from nesta_ray.io.storage import list_names, read_bytes
+from nesta_ray.pipeline.nightly import run_night
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
-NIGHTS = [("day1-en", "en_web_c4_owt.txt", 0), ("day2-en", "en_web_c4_owt.txt", 300_000), ("day3-ja", "ja_manpages.txt", 0)]
+NIGHTS = [("day1-en", "en_web_c4_owt.txt", 0), ("day2-en", "en_web_c4_owt.txt", 300_000),
+          ("day3-ja", "ja_manpages.txt", 0)]
 
 
 def write_day(folder: Path, name: str, corpus: str, start: int, chars: int) -> None:
     """The corpus' lines as requests in the three shapes (text, prompt/completion, chat)."""
-    lines = [p.strip() for p in (CORPORA / corpus).read_text()[start : start + chars].split("\n") if len(p.strip()) > 40]
+    text = (CORPORA / corpus).read_text()[start : start + chars]
+    lines = [p.strip() for p in text.split("\n") if len(p.strip()) > 40]
     records = [{"text": t} if i % 3 == 0 else {"prompt": t[: len(t) // 2], "completion": t[len(t) // 2 :]}
                if i % 3 == 1 else {"messages": [{"role": "user", "content": t}]} for i, t in enumerate(lines)]
     (folder / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         record = run_night(cfg)
         drift = record.get("drift", {})
         summary.append({"night": name, "decision": record["decision"], "reason": record["reason"],
-                        "max_drift": drift.get("max"), "layers": drift.get("layers"), "published": record.get("published")})
+                        "max_drift": drift.get("max"), "layers": drift.get("layers"),
+                        "published": record.get("published")})
         print(f"{name}: {record['decision']} ({record['reason']})", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / n).write_text(text)
     (out / "summary.json").write_text(json.dumps({"layers_cut_to": args.layers, "nights": summary}, indent=2) + "\n")
     last_page = [n for n in names if n.endswith(".html")][-1]
-    print(f"wrote {out}/summary.json, the night records and {out / last_page} ({len(read_bytes(str(output / 'nights' / last_page)))} bytes)")
+    size = len(read_bytes(str(output / "nights" / last_page)))
+    print(f"wrote {out}/summary.json, the night records and {out / last_page} ({size} bytes)")
     shutil.rmtree(work)
     return 0
 

@@ -26,15 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nesta_ray.data.text import pick_windows, read_text, token_windows
+from nesta_ray.io.sources import load_model, resolve_model
+from nesta_ray.method.decompose import InputStats, Method, Scaled, decompose, whitened_svd
+from nesta_ray.method.ranks import allocate_ranks, k1_by_tolerance, rank_for_ratio, split_rank
+from nesta_ray.method.whitening import whiten
+from nesta_ray.model.arch import arch_for
+from nesta_ray.model.calibration import collect_statistics, layer_inputs, run_with_statistics
+from nesta_ray.model.layers import decoder_layers, layer_linears, run_layer, set_submodule
+from nesta_ray.model.lowrank import install_factors
+from nesta_ray.ops.evaluation import perplexity
+from nesta_ray.report.markdown import table
+
 from benchmark_quality import CALIBRATION_SET, CORPORA, TARGETS, bar_cells, eval_sets, mean_other_nll
-from nesta_ray.data import pick_windows, read_text, token_windows
-from nesta_ray.decompose import (allocate_ranks, decompose, k1_by_tolerance, rank_for_ratio, split_rank, whiten,
-                                 whitened_svd)
-from nesta_ray.evaluate import perplexity
-from nesta_ray.models import LowRankLinear, arch_for, decoder_layers, layer_linears, run_layer, set_submodule
-from nesta_ray.pipeline.layerwise import collect_statistics, layer_inputs, run_with_statistics
-from nesta_ray.report import table
-from nesta_ray.sources import load_model, resolve_model
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ def calibration_windows(tok, corpora: Path, args, c4: torch.Tensor) -> torch.Ten
         if file == "en_web_c4_owt.txt":
             parts.append(pick_windows(c4, 0, args.pool_windows, count, args.seed, "random"))
         else:
-            windows = token_windows(tok, read_text(str(corpora / file)), args.seq_len)
+            windows = token_windows(tok, read_text(str(corpora / file)).text, args.seq_len)
             first = 2 * max(args.eval_windows, 8)  # evaluation reads the first windows of every file
             parts.append(pick_windows(windows, first, None, count, args.seed, "random"))
     return torch.cat(parts)
@@ -133,7 +137,7 @@ def statistics(model, spec, calib: torch.Tensor, args, folder: str) -> dict[int,
         return grams
     layers = list(range(len(decoder_layers(model, spec))))
     stats = collect_statistics(model, spec, layers, calib, args.micro_batch)
-    grams = {i: gr for i, (gr, _) in stats.items()}
+    grams = {i: {g: st.gram.numpy() for g, st in groups.items()} for i, groups in stats.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **{f"{i}/{g}": a for i, gr in grams.items() for g, a in gr.items()})
     return grams
@@ -177,21 +181,17 @@ class Decomposer:
     def factors(self, name: str, k: int, variant: Variant, W: torch.Tensor | None = None,
                 gram: torch.Tensor | None = None):
         """Factors of one linear; with ``W``/``gram`` given (propagate mode) its whitening is recomputed."""
+        method = Method(variant.method, damping=self.damping, k1_tolerance=None)
         if gram is None:
-            return decompose(self.weights[name], variant.method, k, gram=self.grams[name], damping=self.damping,
-                             whitening=self.wh[name], usv=self.usv[name], k1=self.k1(name, k, variant))
+            return decompose(self.weights[name], method, k, InputStats(gram=self.grams[name]),
+                             scaled=Scaled(self.wh[name], self.usv[name]), k1=self.k1(name, k, variant))
         wh = whiten(gram, "cholesky", self.damping)
         usv = whitened_svd(W, wh)
         k1 = None
         if variant.method == "nsvd1":
             k1 = k1_by_tolerance(usv[1], k, variant.k1_tol) if variant.k1_tol is not None else split_rank(
                 k, variant.k1_fraction)[0]
-        return decompose(W, variant.method, k, gram=gram, damping=self.damping, whitening=wh, usv=usv, k1=k1)
-
-
-def install(model, name: str, f) -> None:
-    old = model.get_submodule(name)
-    set_submodule(model, name, LowRankLinear.from_factors(f.A.to(old.weight.dtype), f.B.to(old.weight.dtype), old.bias))
+        return decompose(W, method, k, InputStats(gram=gram), scaled=Scaled(wh, usv), k1=k1)
 
 
 def compress(model, spec, dec: Decomposer, ranks: dict[str, int], variant: Variant, calib, args) -> dict:
@@ -200,17 +200,17 @@ def compress(model, spec, dec: Decomposer, ranks: dict[str, int], variant: Varia
     if variant.mode == "original":
         for name, k in ranks.items():
             f = dec.factors(name, k, variant)
-            install(model, name, f)
+            install_factors(model, {name: f})
             info[name] = (f.rank, f.k1, f.relative_loss)
         return info
     batches = layer_inputs(model, spec, calib, args.micro_batch)
     for i, layer in enumerate(decoder_layers(model, spec)):
-        _, grams, _ = run_with_statistics(layer, spec, spec.groups, batches)
+        _, stats = run_with_statistics(layer, spec, spec.groups, batches)
         for path in layer_linears(layer, spec, TARGETS):
             name = f"{spec.layers}.{i}.{path}"
             group = spec.group_of(path.rsplit(".", 1)[-1])
-            f = dec.factors(name, ranks[name], variant, W=dec.weights[name], gram=torch.from_numpy(grams[group]))
-            install(model, name, f)
+            f = dec.factors(name, ranks[name], variant, W=dec.weights[name], gram=stats[group].gram)
+            install_factors(model, {name: f})
             info[name] = (f.rank, f.k1, f.relative_loss)
         with torch.no_grad():
             batches = [(run_layer(layer, h, kw), kw) for h, kw in batches]
@@ -290,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                          "rank_min_max": [min(ranks.values()), max(ranks.values())],
                          "mean_relative_loss": sum(r[2] for r in info.values()) / len(info),
                          "ranks": ranks if variant.alloc else None})
+            evaluate_s = time.perf_counter() - start - decompose_s
             print(f"{name} {ratio}: mean_other={mean_other_nll(nll):.4f} c4={nll[CALIBRATION_SET]:.4f} "
-                  f"k1_share={k1_share:.3f} ({decompose_s:.0f}s + eval {time.perf_counter() - start - decompose_s:.0f}s)",
-                  flush=True)
+                  f"k1_share={k1_share:.3f} ({decompose_s:.0f}s + eval {evaluate_s:.0f}s)", flush=True)
             for n, module in originals.items():
                 set_submodule(model, n, module)
             write(args, folder, rows, list(sets), time.perf_counter() - t0)  # after every row: runs are long

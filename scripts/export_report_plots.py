@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from nesta_ray.storage import read_bytes
+from nesta_ray.io.storage import read_bytes
 
 IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"')  # as html_report writes it
 

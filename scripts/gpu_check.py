@@ -30,18 +30,20 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from nesta_ray.models import arch_for
+from nesta_ray.checkpoint.stage import LayerStage
+from nesta_ray.method.decompose import Method
+from nesta_ray.model.arch import arch_for
 from nesta_ray.pipeline import backends
 from nesta_ray.pipeline.backends import BackendSpec
-from nesta_ray.pipeline.layerwise import MethodArgs
-from nesta_ray.pipeline.plan import make_plan
-from nesta_ray.pipeline.shard import LayerShard, StageRef
+from nesta_ray.pipeline.shard_worker import LayerShard, ShardOptions
+from nesta_ray.pipeline.tasks import Work
+from nesta_ray.plan.linears import make_plan
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ARGS = MethodArgs("nsvd1", 0.95, 1e-6, 0.5, threads=max(1, min(4, (os.cpu_count() or 2) // 2)))
+METHOD = Method("nsvd1", k1_tolerance=None)
+THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 LAYERS = 4
 
 
@@ -62,9 +64,9 @@ def run_shard(folder: str, plan, ids: torch.Tensor, scratch: Path, name: str, sp
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    stage = StageRef(str(scratch / name), "check")
-    shard = LayerShard(folder, list(range(LAYERS)), plan, first=True, dtype="float32", args=ARGS, mode="original",
-                       stage=stage, backend=spec, device=device)
+    stage = LayerStage(str(scratch / name), "check")
+    shard = LayerShard(folder, list(range(LAYERS)), Work(plan, METHOD, micro_batch=2, threads=THREADS), stage,
+                       ShardOptions(backend=spec), first=True, device=device)
     extra = {}
     if spec.name == "deepspeed":
         param = shard.backend.layer(0).self_attn.q_proj.weight
@@ -79,8 +81,8 @@ def run_shard(folder: str, plan, ids: torch.Tensor, scratch: Path, name: str, sp
     grams = {f"{i}.{g}": acc.gram_sum.clone() for i, accs in shard.grams.items() for g, acc in accs.items()}
     summary = shard.decompose(*inputs)
     shard.close()
-    staged = {k: v for i in range(LAYERS) for k, v in stage.open().get(i).items()}
-    return {"grams": grams, "factors": {k: (v["A"], v["B"]) for k, v in staged.items()},
+    staged = {k: v for i in range(LAYERS) for k, v in stage.get(i).items()}
+    return {"grams": grams, "factors": {k: (v.A, v.B) for k, v in staged.items()},
             "report": {"status": "ok", "device": summary["device"], "seconds": round(time.perf_counter() - start, 2),
                        "peak_device_bytes": summary["peak_device_bytes"], **extra}}
 
@@ -90,11 +92,11 @@ def compare(a: dict, b: dict) -> dict:
     is free of the factors' sign choices)."""
     prod_rel = 0.0
     for k, (A, B) in b["factors"].items():
-        ref = torch.from_numpy(A).double() @ torch.from_numpy(B).double()
-        got = torch.from_numpy(a["factors"][k][0]).double() @ torch.from_numpy(a["factors"][k][1]).double()
+        ref = A.double() @ B.double()
+        got = a["factors"][k][0].double() @ a["factors"][k][1].double()
         prod_rel = max(prod_rel, float((got - ref).abs().max() / ref.abs().max()))
-    out = {"factors_identical": all(np.array_equal(a["factors"][k][0], b["factors"][k][0])
-                                    and np.array_equal(a["factors"][k][1], b["factors"][k][1]) for k in b["factors"]),
+    out = {"factors_identical": all(torch.equal(a["factors"][k][0], b["factors"][k][0])
+                                    and torch.equal(a["factors"][k][1], b["factors"][k][1]) for k in b["factors"]),
            "AB_max_rel_diff": prod_rel, "grams_identical": None, "grams_max_rel_diff": None}
     if a["grams"]:
         out["grams_identical"] = all(torch.equal(a["grams"][k], b["grams"][k]) for k in b["grams"])
@@ -114,20 +116,19 @@ def ray_placement(folder: str, plan, ids: torch.Tensor, scratch: Path, cuda: boo
     """compress_sharded with one shard on a local Ray that has the GPU: the actor's device and factors."""
     import ray
 
-    from nesta_ray.pipeline.sharded import compress_sharded
+    from nesta_ray.pipeline.shard_group import compress_sharded
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=2, num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(scratch / "ray"))
     try:
-        stage = StageRef(str(scratch / "ray-stage"), "check")
-        out = compress_sharded(folder, plan, ids, workers=1, micro_batch=2, mode="original", args=ARGS,
-                               dtype="float32", stage=stage)
+        stage = LayerStage(str(scratch / "ray-stage"), "check")
+        out = compress_sharded(folder, ids, Work(plan, METHOD, micro_batch=2, threads=THREADS), stage, 1)
     finally:
         ray.shutdown()
-    staged = {k: v for i in range(LAYERS) for k, v in stage.open().get(i).items()}
-    return {"factors": {k: (v["A"], v["B"]) for k, v in staged.items()}, "grams": {},
+    staged = {k: v for i in range(LAYERS) for k, v in stage.get(i).items()}
+    return {"factors": {k: (v.A, v.B) for k, v in staged.items()}, "grams": {},
             "report": {"status": "ok", "device": out["actors"][0]["device"], "gpu_bundle": cuda,
                        "peak_device_bytes": out["actors"][0]["peak_device_bytes"]}}
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             from transformers import AutoConfig, AutoModelForCausalLM
 
             skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-        plan = make_plan(skeleton, arch_for("llama"), method="nsvd1", ratio=0.3, k1_fraction=0.95, targets=TARGETS)
+        plan = make_plan(skeleton, arch_for("llama"), method=METHOD, ratio=0.3, targets=TARGETS)
         ids = torch.randint(0, 4096, (8, 128), generator=torch.Generator().manual_seed(0))
 
         def attempt(name: str, fn) -> None:

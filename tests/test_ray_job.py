@@ -13,8 +13,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = str(REPO.parent / "shared" / "corpora" / "en_web_c4_owt.txt")
+from paths import C4 as CORPUS
+from paths import REPO
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 pytestmark = pytest.mark.slow

@@ -19,18 +19,21 @@ import copy
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from nesta_ray.models import (ArchSpec, LowRankLinear, arch_for, capture_layer_inputs, decoder_layers, group_inputs,
-                              materialise, run_layer, set_submodule)
-from nesta_ray.pipeline.plan import ModulePlan
-from nesta_ray.sources import read_tensors, skeleton, weight_files
+from nesta_ray.io.sources import read_tensors, skeleton, weight_files
+from nesta_ray.method.decompose import Factors
+from nesta_ray.model.arch import ArchSpec, arch_for
+from nesta_ray.model.layers import capture_layer_inputs, decoder_layers, group_inputs, materialise, run_layer, weight_of
+from nesta_ray.model.lowrank import install_factors
+from nesta_ray.plan.linears import ModulePlan
 
 RESIDENT_FRACTION = 0.5  # layerwise on a GPU: keep the shard on the device when it needs at most this much free memory
 
@@ -94,11 +97,11 @@ class _Backend:
         """Decoder layer ``i`` alone, on the host, with its weights from the source."""
         layer = copy.deepcopy(decoder_layers(self.skeleton, self.spec)[i])
         layer.to_empty(device="cpu")
-        layer.load_state_dict(read_tensors(self.folder, f"{self.spec.layers}.{i}.", self.files), strict=True)
+        layer.load_state_dict(read_tensors(self.folder, self.spec.layer_prefix(i), self.files), strict=True)
         return layer
 
     def _local(self, i: int, name: str) -> str:
-        return name.removeprefix(f"{self.spec.layers}.{i}.")
+        return name.removeprefix(self.spec.layer_prefix(i))
 
     def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Token ids (b, t) -> hidden states (b, t, d) entering layer 0 and the layer kwargs, on the host."""
@@ -121,16 +124,9 @@ class _Backend:
         """Layer ``i``'s output (b, t, d) for ``hidden`` (b, t, d); inputs on ``self.device``."""
         return run_layer(self.layer(i), hidden, kwargs)
 
-    def install(self, i: int, results: dict[str, dict]) -> None:
-        """Replace layer ``i``'s linears named in ``results`` (full names) by LowRankLinears of their factors."""
-        layer = self.layer(i)
-        for name, r in results.items():
-            path = self._local(i, name)
-            old = layer.get_submodule(path)
-            dtype = next(old.parameters()).dtype
-            A, B = torch.from_numpy(r["A"].copy()).to(dtype), torch.from_numpy(r["B"].copy()).to(dtype)
-            bias = None if old.bias is None else old.bias.detach().clone()
-            set_submodule(layer, path, LowRankLinear.from_factors(A, B, bias).to(self.factor_device))
+    def install(self, i: int, factors: dict[str, Factors]) -> None:
+        """Replace layer ``i``'s linears named in ``factors`` (full names) by LowRankLinears of their factors."""
+        install_factors(self.layer(i), factors, prefix=self.spec.layer_prefix(i), device=self.factor_device)
 
     def release(self, i: int) -> None:
         """Free layer ``i``'s weights (the shard will not run it again)."""
@@ -171,7 +167,7 @@ class LayerwiseBackend(_Backend):
     def weights(self, i: int, plans: list[ModulePlan]) -> dict[str, np.ndarray]:
         """float32 weights (out, in) of the planned linears of layer ``i``, on the host."""
         layer = self.layers[i]
-        return {p.name: layer.get_submodule(self._local(i, p.name)).weight.detach().float().cpu().numpy()
+        return {p.name: weight_of(layer.get_submodule(self._local(i, p.name))).detach().float().cpu().numpy()
                 for p in plans}
 
     def release(self, i: int) -> None:
@@ -218,7 +214,7 @@ class DeepSpeedBackend(_Backend):
 
         mods = {p.name: self.layer(i).get_submodule(self._local(i, p.name)) for p in plans}
         with deepspeed.zero.GatheredParameters([m.weight for m in mods.values()]):
-            return {name: m.weight.detach().float().cpu().numpy().copy() for name, m in mods.items()}
+            return {name: weight_of(m).detach().float().cpu().numpy().copy() for name, m in mods.items()}
 
     def close(self) -> None:
         self.engine.destroy()

@@ -1,38 +1,43 @@
-"""Work units that Ray runs: plain functions over numpy arrays (zero-copy in Ray's object store), no Ray import."""
+"""What every calibrate-and-decompose path shares: the ``Work`` of one compression, and the decomposition of one
+input group as a plain function that Ray runs (numpy in, ``Factors`` out; no Ray import here)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from nesta_ray.decompose import decompose_group
+from nesta_ray.method.decompose import Factors, InputStats, Method, decompose_group
+from nesta_ray.plan.linears import ModulePlan, Plan
 
 
-def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
-    """A writable copy (object-store arrays are read-only), or None."""
-    return None if a is None else torch.tensor(a)
+@dataclass(frozen=True)
+class Work:
+    """One compression's work: the plan, the method, the calibration micro-batch size and mode (original |
+    propagate), and the torch threads each decomposition uses (fixed, so results are bit-identical whatever the
+    number of workers)."""
+
+    plan: Plan
+    method: Method
+    micro_batch: int = 4
+    mode: str = "original"
+    threads: int = 1
+
+    def subset(self, layers: list[int]) -> Work:
+        """The same work restricted to ``layers`` (a layer shard's part)."""
+        return dataclasses.replace(self, plan=self.plan.subset(layers))
 
 
-def decompose_group_arrays(
-    weights: dict[str, np.ndarray], ranks: dict[str, int], method: str, gram: np.ndarray | None,
-    abs_mean: np.ndarray | None, k1_fraction: float, damping: float, alpha: float, threads: int,
-    k1_tolerance: float | None = None,
-) -> dict[str, dict]:
-    """Decompose the linears of one input group; factors come back as float32 numpy arrays with their statistics.
-
-    ``threads`` fixes torch's intra-op threads so results are bit-identical whatever the number of workers.
-    """
+def decompose_task(weights: dict[str, np.ndarray], plans: list[ModulePlan], method: Method,
+                   stats: InputStats | None, threads: int) -> dict[str, Factors]:
+    """Decompose the linears of one input group: float32 weights (out, in) by name, their plans (ranks), the
+    group's statistics. Each result carries its share of the group's seconds. Raises as ``decompose``."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    factors = decompose_group(
-        {k: _tensor(v) for k, v in weights.items()}, ranks, method, gram=_tensor(gram), abs_mean=_tensor(abs_mean),
-        k1_fraction=k1_fraction, damping=damping, alpha=alpha, k1_tol=k1_tolerance,
-    )
+    factors = decompose_group({k: torch.tensor(v) for k, v in weights.items()}, {p.name: p.rank for p in plans},
+                              method, stats)
     seconds = (time.perf_counter() - start) / max(len(factors), 1)
-    return {
-        name: {"A": f.A.numpy(), "B": f.B.numpy(), "k1": f.k1, "k2": f.k2, "loss": f.loss,
-               "relative_loss": f.relative_loss, "fallbacks": f.fallbacks, "seconds": seconds}
-        for name, f in factors.items()
-    }
+    return {name: dataclasses.replace(f, seconds=seconds) for name, f in factors.items()}

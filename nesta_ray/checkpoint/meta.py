@@ -1,0 +1,86 @@
+"""``nesta.json``: a run's metadata as a typed object, and its v1 JSON form (written and read only here)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nesta_ray import __version__
+from nesta_ray.checkpoint.layout import FORMAT, FORMAT_VERSION
+from nesta_ray.errors import CheckpointError
+from nesta_ray.method.decompose import Factors, Method
+
+
+@dataclass(frozen=True)
+class LinearRecord:
+    """One compressed linear as nesta.json records it: rank, shape (out, in), nested split, whitened loss (absolute
+    and relative to tr(W·G·Wᵀ)), numerical fallback counts and decomposition seconds."""
+
+    rank: int
+    shape: tuple[int, int]
+    k1: int
+    k2: int
+    loss: float
+    relative_loss: float
+    fallbacks: dict[str, int]
+    seconds: float
+
+    @classmethod
+    def of(cls, f: Factors, shape: tuple[int, int]) -> LinearRecord:
+        """The record of decomposed factors ``f`` of an (out, in) = ``shape`` linear."""
+        return cls(f.rank, shape, f.k1, f.k2, f.loss, f.relative_loss, dict(f.fallbacks), round(f.seconds, 4))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """What a run is: its id, model dtype, method and ratio, every compressed linear, tied aliases (alias -> kept
+    name), parameter totals, summed fallbacks and the fingerprints of model, calibration tokens and config."""
+
+    run_id: str
+    dtype: str
+    method: Method
+    ratio: float
+    modules: dict[str, LinearRecord]
+    tied: dict[str, str] = field(default_factory=dict)
+    parameters: dict[str, int] = field(default_factory=dict)
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The v1 JSON object (method knobs at the top level, as every v1 reader expects)."""
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "nesta_ray_version": __version__,
+            "run_id": self.run_id, "dtype": self.dtype, "method": self.method.name, "ratio": self.ratio,
+            "k1_fraction": self.method.k1_fraction, "k1_tolerance": self.method.k1_tolerance,
+            "damping": self.method.damping, "alpha": self.method.alpha,
+            "modules": {name: r.as_dict() for name, r in self.modules.items()},
+            "tied": self.tied, "parameters": self.parameters, "fallbacks": self.fallbacks,
+            "fingerprints": self.fingerprints,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> RunMeta:
+        """Parse a v1 nesta.json object read from ``where``. Raises CheckpointError for another format or version,
+        or a malformed object (naming the field)."""
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("format_version") != FORMAT_VERSION:
+            got = (obj.get("format"), obj.get("format_version")) if isinstance(obj, dict) else (type(obj).__name__, "")
+            raise CheckpointError(f"{where}: not a {FORMAT} v{FORMAT_VERSION} checkpoint (nesta.json says "
+                                  f"{got[0]} v{got[1]})")
+        try:
+            method = Method(obj["method"], obj["k1_fraction"], obj["k1_tolerance"], obj["damping"], obj["alpha"])
+            modules = {name: _record(r) for name, r in obj["modules"].items()}
+            return cls(str(obj["run_id"]), str(obj["dtype"]), method, obj["ratio"], modules, dict(obj["tied"]),
+                       dict(obj["parameters"]), dict(obj["fallbacks"]), dict(obj["fingerprints"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{where}: nesta.json is malformed ({type(err).__name__}: {err})") from None
+
+
+def _record(r: Mapping[str, Any]) -> LinearRecord:
+    m, n = r["shape"]
+    return LinearRecord(int(r["rank"]), (int(m), int(n)), int(r["k1"]), int(r["k2"]), float(r["loss"]),
+                        float(r["relative_loss"]), dict(r["fallbacks"]), float(r["seconds"]))

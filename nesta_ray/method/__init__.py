@@ -1,0 +1,1 @@
+"""The compression method as pure math: ranks, whitening, decompositions, drift scores (torch only, no I/O)."""

@@ -1,0 +1,163 @@
+"""The whole job (run_job) on a tiny model: embedded and 2 layer shards write identical checkpoints; the plan CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from nesta_ray.compress import main as compress_main
+from nesta_ray.config.loading import validate
+from nesta_ray.pipeline.job import run_job
+
+from paths import C4 as CORPUS
+from paths import REPO
+
+
+def _cfg(folder, out, workers, mode="original"):
+    return validate({
+        "model": {"source": folder},
+        "method": {"name": "nsvd1", "ratio": 0.3},
+        "calibration": {"path": CORPUS, "seq_len": 64, "num_windows": 100, "num_sequences": 6, "micro_batch": 2,
+                        "mode": mode},
+        "evaluation": {"seq_len": 64, "sets": [{"name": "held", "path": CORPUS, "first_window": 100, "num_windows": 2}]},
+        "output": {"uri": str(out)},
+        "runtime": {"workers": workers, "progress": False},
+    })
+
+
+def _tensors(report):
+    run = Path(report["run_uri"])
+    out = {}
+    for shard in sorted(run.glob("model-*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def test_embedded_and_sharded_jobs_write_identical_checkpoints(ray_local, tiny3_folder, tmp_path):
+    embedded = run_job(_cfg(tiny3_folder, tmp_path / "a", workers=0))
+    sharded = run_job(_cfg(tiny3_folder, tmp_path / "b", workers=2))
+    a, b = _tensors(embedded), _tensors(sharded)
+    assert set(a) == set(b) and "model.layers.2.mlp.down_proj.A" in a
+    assert all((a[k] == b[k]).all() for k in a)
+    assert embedded["perplexity"]["held"]["compressed"] == sharded["perplexity"]["held"]["compressed"]
+    assert (tmp_path / "b" / "latest").read_text().strip() == sharded["run_id"]
+
+
+def test_k1_tolerance_picks_k1_per_matrix_identically_embedded_and_sharded(ray_local, tiny3_folder, tmp_path):
+    def cfg(out, workers):
+        raw = _cfg(tiny3_folder, out, workers).model_dump(mode="json")
+        raw["method"]["k1_tolerance"] = 0.5
+        raw["evaluation"]["sets"] = []
+        return validate(raw)
+
+    embedded, sharded = run_job(cfg(tmp_path / "a", 0)), run_job(cfg(tmp_path / "b", 2))
+    a, b = _tensors(embedded), _tensors(sharded)
+    assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
+    k1s = {m["k1"] / m["rank"] for m in embedded["modules"].values()}
+    assert len(k1s) > 3 and min(k1s) < 0.95  # chosen per matrix, not one global fraction
+    meta = json.loads((Path(embedded["run_uri"]) / "nesta.json").read_text())
+    assert meta["k1_tolerance"] == 0.5
+
+
+def test_llama70b_dry_run_plans_eight_actors_from_the_meta_device(capsys):
+    assert compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "70,553,706,496 parameters" in out and "560 linears in 80 layers" in out
+    assert "| 7 | 70-79 |" in out and "fits: every actor" in out
+
+
+def test_a_job_that_cannot_fit_is_refused_before_any_work(capsys):
+    code = compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run",
+                          "--set", "runtime.host_memory_gb=64"])
+    err = capsys.readouterr().err
+    assert code == 2 and "actor 0 (layers 0-9) needs" in err and "host memory" in err and "raise runtime.workers" in err
+    code = compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run",
+                          "--set", "runtime.device_memory_gb=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "device memory" in err and "raise runtime.workers" not in err
+
+
+def test_export_dense_and_the_evaluate_cli_on_both_outputs(ray_local, tiny3_folder, tmp_path, capsys):
+    from nesta_ray.evaluate import main as evaluate_main
+
+    cfg = _cfg(tiny3_folder, tmp_path / "o", workers=0)
+    report = run_job(cfg.model_copy(update={"output": cfg.output.model_copy(update={"export_dense": True})}))
+    run = Path(report["run_uri"])
+    assert (run / "dense" / "config.json").is_file() and (run / "dense" / "model.safetensors").is_file()
+    capsys.readouterr()
+    out_json = tmp_path / "eval.json"
+    assert evaluate_main(["--model", str(tmp_path / "o"), "--text", CORPUS, "--seq-len", "64",
+                          "--max-windows", "2", "--json", str(out_json)]) == 0
+    compressed = json.loads(out_json.read_text())["results"][0]["perplexity"]
+    assert evaluate_main(["--model", str(run / "dense"), "--text", CORPUS, "--seq-len", "64",
+                          "--max-windows", "2", "--json", str(out_json)]) == 0
+    dense_export = json.loads(out_json.read_text())["results"][0]["perplexity"]
+    assert compressed == pytest.approx(dense_export, rel=1e-4)
+    assert "| " + CORPUS in capsys.readouterr().out
+    assert evaluate_main(["--model", str(tmp_path / "missing"), "--text", CORPUS]) == 2
+
+
+def test_a_model_folder_on_s3_is_fetched_once_and_loads(tiny3_folder, s3_server, tmp_path):
+    import fsspec
+
+    from nesta_ray.io.sources import load_model, resolve_model
+
+    s3_server.make_bucket("models")
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    fs.put(tiny3_folder + "/", "models/tiny3/", recursive=True)
+    local = resolve_model("s3://models/tiny3", str(tmp_path / "cache"), s3_server.storage_options)
+    model, tok = load_model(local)
+    assert model.config.num_hidden_layers == 3 and tok("hi").input_ids
+    assert resolve_model("s3://models/tiny3", str(tmp_path / "cache"), s3_server.storage_options) == local
+
+
+@pytest.mark.slow
+def test_llama70b_structural_twin_through_s3(ray_local, smollm_folder, s3_server, tmp_path, monkeypatch):
+    """The 70B config's code path on an 80-layer, GQA 8:1, untied twin: sharded source and output on S3."""
+    import fsspec
+    import torch
+
+    import nesta_ray
+
+    from tiny import save_llama70b_twin
+
+    monkeypatch.setenv("NESTA_RAY_CACHE", str(tmp_path / "cache"))
+    local = save_llama70b_twin(tmp_path / "twin", smollm_folder)
+    for bucket in ("twin-models", "twin-out"):
+        s3_server.make_bucket(bucket)
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    fs.put(local + "/", "twin-models/llama70b-twin/", recursive=True)
+    assert len([f for f in fs.ls("twin-models/llama70b-twin") if f.endswith(".safetensors")]) > 1  # sharded source
+    opts = s3_server.storage_options
+    cfg = validate({
+        "model": {"source": "s3://twin-models/llama70b-twin", "storage_options": opts},
+        "method": {"name": "nsvd1", "ratio": 0.2},
+        "calibration": {"path": CORPUS, "seq_len": 64, "num_windows": 100, "num_sequences": 4, "micro_batch": 2},
+        "evaluation": {"dense": False, "sets": []},
+        "output": {"uri": "s3://twin-out/llama70b-twin", "storage_options": opts},
+        "runtime": {"workers": 2, "progress": False},
+    })
+    report = run_job(cfg)
+    assert len(report["modules"]) == 560 and report["resume"]["computed"] == list(range(80))
+    model = nesta_ray.load_compressed("s3://twin-out/llama70b-twin", opts)
+    k = model.get_submodule("model.layers.79.self_attn.k_proj")
+    assert (k.out_features, k.in_features) == (8, 64) and k.rank == 5  # GQA: 1 KV head of 8 dims
+    ids = torch.randint(0, 49152, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_skipped_json_lines_of_the_calibration_text_are_reported(ray_local, tiny3_folder, tmp_path):
+    import json as _json
+
+    rows = [_json.dumps({"text": line}) for line in Path(CORPUS).read_text().split("\n\n")[:400]]
+    rows[5:5] = ["{not json", _json.dumps({"body": "no text field"}), "{broken"]
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text("\n".join(rows) + "\n")
+    raw = _cfg(tiny3_folder, tmp_path / "out", workers=0).model_dump(mode="json")
+    raw["calibration"].update(path=str(calibration), text_field="text")
+    raw["evaluation"]["sets"] = []
+    report = run_job(validate(raw))
+    assert report["skipped_records"] == {str(calibration): {"invalid json": 2, "no 'text' field": 1}}
+    assert "## Records skipped while reading text" in (Path(report["run_uri"]) / "report.md").read_text()
