@@ -31,3 +31,8 @@ class StorageError(NestaError):
 
 class PipelineError(NestaError):
     """A worker failed beyond its restarts; finished layers stay staged, so a rerun resumes."""
+
+
+class ShardStateLost(PipelineError):
+    """A restarted layer shard lacks state the driver gave an earlier call (the automatic ratio's prepared SVDs);
+    the driver rebuilds it and retries, and reports this only when it cannot."""

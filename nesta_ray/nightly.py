@@ -18,11 +18,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nesta_ray.nightly", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML job config with a nightly section (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument("--dry-run", action="store_true", help="print what a night costs, phase by phase, and exit")
     args = parser.parse_args(argv)
     try:
+        cfg = load_config(args.config, args.set)
+        if args.dry_run:
+            from nesta_ray.pipeline.dry_run import night_dry_run
+
+            print(night_dry_run(cfg))
+            return 0
         from nesta_ray.pipeline.nightly import run_night
 
-        record = run_night(load_config(args.config, args.set))
+        record = run_night(cfg)
     except NestaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ import torch
 
 from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.data.text import pick_windows, read_text, token_windows
-from nesta_ray.io.sources import load_model, resolve_model
+from nesta_ray.io.sources import ModelSource, load_model, resolve_model
 from nesta_ray.method.decompose import Method
 from nesta_ray.model.arch import arch_for
 from nesta_ray.model.calibration import layer_inputs
@@ -85,8 +85,9 @@ def bench(name: str, folder: str, args, scratch: Path) -> list[dict]:
     for workers in args.workers:
         load_before = os.getloadavg()[0]  # this machine may be shared: record how busy it was
         start = time.perf_counter()
-        out = compress_sharded(folder, ids, Work(plan, method, micro_batch=args.micro_batch, mode="original"),
-                               LayerStage(str(scratch / f"{name}-w{workers}"), "bench"), workers)
+        work = Work(plan, method, micro_batch=args.micro_batch, mode="original")
+        out = compress_sharded(ModelSource(folder, folder), ids, work, LayerStage(str(scratch / f"{name}-w{workers}"),
+                                                                                 "bench"), workers)
         wall = time.perf_counter() - start
         b = sum(x["decompose_seconds"] for x in out["actors"])
         rows.append({

@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 
 from nesta_ray.checkpoint.stage import LayerStage
+from nesta_ray.io.sources import ModelSource
 from nesta_ray.method.decompose import Method
 from nesta_ray.model.arch import arch_for
 from nesta_ray.pipeline import backends
-from nesta_ray.pipeline.backends import BackendSpec
+from nesta_ray.pipeline.backends import BackendSpec, ShardPart
 from nesta_ray.pipeline.shard_worker import LayerShard, ShardOptions
 from nesta_ray.pipeline.tasks import Work
 from nesta_ray.plan.linears import make_plan
@@ -65,8 +66,9 @@ def run_shard(folder: str, plan, ids: torch.Tensor, scratch: Path, name: str, sp
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     stage = LayerStage(str(scratch / name), "check")
-    shard = LayerShard(folder, list(range(LAYERS)), Work(plan, METHOD, micro_batch=2, threads=THREADS), stage,
-                       ShardOptions(backend=spec), first=True, device=device)
+    shard = LayerShard(ModelSource(folder, folder), ShardPart(list(range(LAYERS)), first=True, last=True),
+                       Work(plan, METHOD, micro_batch=2, threads=THREADS), stage, ShardOptions(backend=spec),
+                       device=device)
     extra = {}
     if spec.name == "deepspeed":
         param = shard.backend.layer(0).self_attn.q_proj.weight
@@ -124,7 +126,8 @@ def ray_placement(folder: str, plan, ids: torch.Tensor, scratch: Path, cuda: boo
              _temp_dir=str(scratch / "ray"))
     try:
         stage = LayerStage(str(scratch / "ray-stage"), "check")
-        out = compress_sharded(folder, ids, Work(plan, METHOD, micro_batch=2, threads=THREADS), stage, 1)
+        work = Work(plan, METHOD, micro_batch=2, threads=THREADS)
+        out = compress_sharded(ModelSource(folder, folder), ids, work, stage, 1)
     finally:
         ray.shutdown()
     staged = {k: v for i in range(LAYERS) for k, v in stage.get(i).items()}

@@ -49,7 +49,8 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """One local Ray for the session (2 CPUs, loopback only, auth off, its own temp dir)."""
+    """One local Ray for the session (4 logical CPUs, so that 4 layer shards fit; loopback only, auth off, its own
+    temp dir)."""
     import os
 
     import ray
@@ -57,7 +58,7 @@ def ray_local(tmp_path_factory):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()

@@ -14,7 +14,7 @@ from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.config.loading import validate
 from nesta_ray.data.windows import TextCache, calibration_ids
 from nesta_ray.errors import ModelError
-from nesta_ray.io.sources import PYPI_MODELS, PypiModel, assemble_parts, load_model, resolve_model
+from nesta_ray.io.sources import PYPI_MODELS, ModelSource, PypiModel, assemble_parts, load_model, resolve_model
 from nesta_ray.method.decompose import Method
 from nesta_ray.model.arch import arch_for
 from nesta_ray.pipeline.embedded import compress_layerwise
@@ -60,7 +60,7 @@ def test_one_and_two_shards_give_the_embedded_factors(ray_local, families, famil
     embedded, _ = compress_layerwise(model, arch_for(model.config.model_type), ids, Work(plan, args, micro_batch=2, mode=mode))
     for workers in (1, 2):
         stage = LayerStage(str(tmp_path / f"w{workers}"), "fp")
-        out = compress_sharded(family_folder, ids, Work(plan, args, micro_batch=2, mode=mode), stage, workers)
+        out = compress_sharded(ModelSource(family_folder, family_folder), ids, Work(plan, args, micro_batch=2, mode=mode), stage, workers)
         assert out["computed"] == [0, 1, 2]
         sharded = {k: v for i in range(3) for k, v in stage.get(i).items()}
         assert set(sharded) == set(embedded) and len(embedded) == 21

@@ -17,16 +17,17 @@ ORDER = [
     # configuration and the plan
     "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.timing",
     # model and data I/O
-    "io.storage", "io.sources", "data.text", "data.selection", "data.requestlogs", "data.windows",
+    "io.storage", "io.weights", "io.sources", "data.text", "data.selection", "data.requestlogs", "data.windows",
     # the checkpoint
     "checkpoint.layout", "checkpoint.runs", "checkpoint.meta", "checkpoint.stage", "checkpoint.writer",
     "checkpoint.reader",
     # reports and operations on a model
     "report.markdown", "report.plots", "report.html", "ops.evaluation", "ops.gate", "ops.ratio_search", "ops.metrics",
     # the pipeline
-    "pipeline.ray_env", "pipeline.tasks", "pipeline.embedded", "pipeline.backends", "pipeline.shard_worker",
-    "pipeline.shard_group", "pipeline.autoratio", "pipeline.progress", "pipeline.job", "pipeline.dry_run",
-    "pipeline.nightly",
+    "pipeline.ray_env", "pipeline.tasks", "pipeline.embedded", "pipeline.layer_host", "pipeline.backends",
+    "pipeline.faults", "pipeline.shard_weights", "pipeline.shard_worker", "pipeline.shard_group", "pipeline.runner",
+    "pipeline.autoratio", "pipeline.progress", "pipeline.context", "pipeline.job_output", "pipeline.drift_scoring",
+    "pipeline.job", "pipeline.dry_run", "pipeline.nightly",
     # entry points
     "compress", "evaluate", "nightly",
 ]
@@ -34,8 +35,7 @@ PACKAGES = {"method", "model", "config", "plan", "io", "data", "checkpoint", "re
 # Third-party packages allowed only in these modules.
 BOUNDARIES = {"ray": {"ops.metrics", "pipeline.ray_env", "pipeline.embedded", "pipeline.shard_group"},
               "fsspec": {"io.storage"},
-              "transformers": {"io.sources", "checkpoint.reader", "pipeline.backends", "pipeline.job",
-                               "pipeline.dry_run"},
+              "transformers": {"io.sources", "checkpoint.reader", "pipeline.backends", "pipeline.dry_run"},
               "deepspeed": {"pipeline.backends"}}
 PURE = {m for m in ORDER if m.startswith("method.")}  # stdlib + torch (+ numpy for transport) + errors only
 PURE_ALLOWED = {"__future__", "math", "dataclasses", "typing", "collections", "torch", "numpy", "nesta_ray"}

@@ -32,11 +32,11 @@ def save_tiny(folder: Path, tokenizer_folder: str, model_type: str = "llama", la
     return str(folder)
 
 
-def save_llama70b_twin(folder: Path, tokenizer_folder: str) -> str:
+def save_llama70b_twin(folder: Path, tokenizer_folder: str, layers: int = 80) -> str:
     """Llama-3-70B's module graph at tiny width: 80 layers, 8 query heads per KV head, MLP 3.5x hidden, untied."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=224, num_hidden_layers=80, num_attention_heads=8,
+    config = LlamaConfig(hidden_size=64, intermediate_size=224, num_hidden_layers=layers, num_attention_heads=8,
                          num_key_value_heads=1, vocab_size=49152, max_position_embeddings=1024,
                          tie_word_embeddings=False, rope_theta=500000.0)
     torch.manual_seed(0)

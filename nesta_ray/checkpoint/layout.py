@@ -21,17 +21,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
+from nesta_ray.io.weights import INDEX as INDEX  # the Hugging Face names a run's weights follow too
+from nesta_ray.io.weights import SINGLE as SINGLE
 from nesta_ray.method.decompose import Factors
 
 FORMAT = "nesta_ray.lowrank"
 FORMAT_VERSION = 1
 NESTA_JSON, MANIFEST, SUCCESS, LATEST = "nesta.json", "manifest.json", "_SUCCESS", "latest"
-INDEX = "model.safetensors.index.json"
 REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
 RUNS, STAGING, DENSE = "runs", "staging", "dense"
-FACTOR_DTYPE = torch.float32  # factors are stored in float32 whatever the model's dtype
+STAGE_DTYPE = torch.float32  # staged factors keep the decomposition's float32; a run stores the weight's dtype
 _STAGED = ("layer-", ".safetensors")
 
 
@@ -50,10 +50,11 @@ def factor_keys(name: str) -> tuple[str, str]:
     return f"{name}.A", f"{name}.B"
 
 
-def factor_tensors(name: str, f: Factors) -> dict[str, torch.Tensor]:
-    """Linear ``name``'s factors as stored: {``<name>.A``: (out, k), ``<name>.B``: (k, in)}, contiguous."""
+def factor_tensors(name: str, f: Factors, dtype: torch.dtype = STAGE_DTYPE) -> dict[str, torch.Tensor]:
+    """Linear ``name``'s factors as stored, in ``dtype``: {``<name>.A``: (out, k), ``<name>.B``: (k, in)},
+    contiguous."""
     a, b = factor_keys(name)
-    return {a: f.A.to(FACTOR_DTYPE).contiguous(), b: f.B.to(FACTOR_DTYPE).contiguous()}
+    return {a: f.A.to(dtype).contiguous(), b: f.B.to(dtype).contiguous()}
 
 
 def factors_from(tensors: Mapping[str, torch.Tensor], name: str, stats: Mapping[str, Any]) -> Factors:
@@ -80,13 +81,3 @@ def staged_layer(name: str) -> int | None:
     return None
 
 
-def tied_aliases(skeleton: nn.Module) -> dict[str, str]:
-    """alias -> kept name for parameters that are one tensor under two names (e.g. a tied lm_head)."""
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, param in skeleton.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases

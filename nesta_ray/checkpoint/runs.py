@@ -12,7 +12,7 @@ import datetime
 import hashlib
 import os
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -164,9 +164,11 @@ def resolve_run(uri: str, storage_options: dict | None = None) -> str:
         return run
 
 
-def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashes: bool = True) -> dict:
+def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashes: bool = True,
+               hashed: Collection[str] | None = None) -> dict:
     """Check a run's _SUCCESS, manifest format_version, and each file's presence, size and (``check_hashes``)
-    sha256. Returns the manifest dict. Raises CheckpointError naming the file and the problem; StorageError."""
+    sha256, the sha256 of the files ``hashed`` names only when given (each must be in the manifest). Returns the
+    manifest dict. Raises CheckpointError naming the file and the problem; StorageError."""
     run_uri = normalise(run_uri)
     fs, path = url_to_fs(run_uri, storage_options)
     man_uri = join(run_uri, MANIFEST)
@@ -180,6 +182,8 @@ def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashe
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{man_uri} has format_version {manifest.get('format_version')!r}; "
                                   f"this nesta_ray reads {FORMAT_VERSION}")
+        if hashed is not None and (unlisted := sorted(set(hashed) - set(manifest["files"]))):
+            raise CheckpointError(f"{man_uri} does not list {unlisted[0]!r}: the run does not vouch for it")
         for rel, ent in sorted(manifest["files"].items()):
             fpath, furi = join(path, _check_name(rel)), join(run_uri, rel)
             if not isinstance(ent, dict) or not {"sha256", "size"} <= ent.keys():
@@ -188,11 +192,17 @@ def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashe
                 raise CheckpointError(f"{furi}: listed in manifest.json but missing")
             if (size := fs.size(fpath)) != ent["size"]:
                 raise CheckpointError(f"{furi}: size {size} bytes, manifest.json says {ent['size']}")
-            if check_hashes:
+            if check_hashes and (hashed is None or rel in hashed):
                 with fs.open(fpath, "rb") as f:
                     if hash_stream(f)[0] != ent["sha256"]:
                         raise CheckpointError(f"{furi}: sha256 mismatch (file is corrupt or was modified)")
         return manifest
+
+
+def verify_files(run_uri: str, files: Collection[str], storage_options: dict | None = None) -> None:
+    """Check a committed run and the sha256 of ``files`` (relative names; the index is always included) before
+    they are read. Raises CheckpointError / StorageError as ``verify_run``."""
+    verify_run(run_uri, storage_options, hashed={*files, INDEX})
 
 
 def download_run(run_uri: str, local_dir: str, storage_options: dict | None = None) -> str:

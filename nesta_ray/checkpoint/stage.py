@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -44,14 +45,18 @@ def job_fingerprint(config: str, model: str, calibration: str) -> str:
     return hashlib.sha256(f"{config}|{model}|{calibration}|{code_version()}".encode()).hexdigest()[:24]
 
 
+@dataclass(frozen=True)
 class LayerStage:
     """Staged per-layer results of one job fingerprint under ``root_uri/staging/<fingerprint>``. Plain values
-    only, so a stage can be passed to (and opened in) any process."""
+    only, so a stage can be passed to (and opened in) any process, and compared."""
 
-    def __init__(self, root_uri: str, fingerprint: str, storage_options: dict | None = None) -> None:
-        self.root_uri, self.fingerprint = root_uri, fingerprint
-        self.uri = join(root_uri, STAGING, fingerprint)
-        self.storage_options = storage_options
+    root_uri: str
+    fingerprint: str
+    storage_options: dict | None = None
+
+    @property
+    def uri(self) -> str:
+        return join(self.root_uri, STAGING, self.fingerprint)
 
     def done(self) -> set[int]:
         """Indices of the layers already staged."""
@@ -80,12 +85,6 @@ class LayerStage:
         """Delete this stage (after its results were committed in a run)."""
         remove_tree(self.uri, self.storage_options)
 
-    def mark(self, name: str) -> bool:
-        """Create the marker ``name`` once; True if this call created it (used to inject a fault only once)."""
-        if name in list_names(self.uri, self.storage_options):
-            return False
-        put_object(join(self.uri, name), b"", self.storage_options)
-        return True
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

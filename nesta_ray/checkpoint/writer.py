@@ -9,66 +9,63 @@ the weights of its planned linears, plus their staged factors. Shard sizes are k
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import nn
+from safetensors.torch import save as st_save
 
-from nesta_ray.checkpoint.layout import DENSE, FACTOR_DTYPE, NESTA_JSON, factor_tensors, shard_name, weight_key
+from nesta_ray.checkpoint.layout import (
+    DENSE,
+    INDEX,
+    NESTA_JSON,
+    SINGLE,
+    factor_tensors,
+    shard_name,
+    weight_key,
+)
 from nesta_ray.checkpoint.meta import LinearRecord, RunMeta
 from nesta_ray.checkpoint.runs import RunWriter
 from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.errors import CheckpointError
-from nesta_ray.io.sources import model_files, read_tensors, weight_files
-from nesta_ray.method.decompose import Factors
+from nesta_ray.io.sources import ModelSource, model_files
+from nesta_ray.io.weights import WeightStore, stored_dtype
 from nesta_ray.model.arch import ArchSpec
-from nesta_ray.model.lowrank import dense_copy
 from nesta_ray.plan.linears import Plan
-
-
-def _stored_bytes(files: dict[str, str]) -> dict[str, int]:
-    """Bytes of every tensor of a model's safetensors files, from their headers (nothing else is read)."""
-    sizes: dict[str, int] = {}
-    for path in sorted(set(files.values())):
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for key, info in header.items():
-            if key != "__metadata__" and files.get(key) == path:
-                start, end = info["data_offsets"]
-                sizes[key] = end - start
-    return sizes
 
 
 @dataclass(frozen=True)
 class _Group:
-    """One group of the checkpoint's tensors: the source's tensors under ``prefix`` (minus those under
-    ``exclude``), with decoder layer ``layer``'s planned weights replaced by their staged factors."""
+    """One group of the checkpoint's tensors: the source's tensors ``keys`` of decoder layer ``layer`` (None:
+    everything outside the decoder layers) except the planned linears' dense weights, the bytes the group takes
+    compressed (``size``: the staged factors in place of those weights) and dense (``dense_size``)."""
 
-    prefix: str
-    exclude: str | None
+    keys: list[str]
     layer: int | None
-    size: int  # stored bytes
+    size: int
+    dense_size: int
 
 
-def _groups(files: dict[str, str], plan: Plan, spec: ArchSpec, num_layers: int) -> list[_Group]:
-    """Everything outside the decoder layers, then each decoder layer, with their stored sizes."""
-    sizes = _stored_bytes(files)
-    factor_bytes = torch.finfo(FACTOR_DTYPE).bits // 8
-    inside = f"{spec.layers}."
-    groups = [_Group("", inside, None, sum(v for k, v in sizes.items() if not k.startswith(inside)))]
+def _groups(store: WeightStore, plan: Plan, spec: ArchSpec, num_layers: int) -> list[_Group]:
+    """Everything outside the decoder layers, then each decoder layer, with their stored sizes (from the
+    source's headers and the planned ranks; nothing else is read)."""
+    inside, planned = f"{spec.layers}.", {weight_key(p.name) for p in plan.modules}
+    outside = [k for k in store.keys() if not k.startswith(inside)]
+    size = sum(store.entries[k].nbytes for k in outside)
+    groups = [_Group(outside, None, size, size)]
     for i in range(num_layers):
-        prefix = spec.layer_prefix(i)
-        size = sum(v for k, v in sizes.items() if k.startswith(prefix))
-        for p in plan.modules:
-            if p.layer == i:
-                size += p.rank * (p.m + p.n) * factor_bytes - sizes[weight_key(p.name)]
-        groups.append(_Group(prefix, None, i, size))
+        keys = [k for k in store.keys() if k.startswith(spec.layer_prefix(i))]
+        kept = [k for k in keys if k not in planned]
+        factors = sum(p.rank * (p.m + p.n) * _itemsize(store, p.name) for p in plan.modules if p.layer == i)
+        groups.append(_Group(kept, i, sum(store.entries[k].nbytes for k in kept) + factors,
+                             sum(store.entries[k].nbytes for k in keys)))
     return groups
+
+
+def _itemsize(store: WeightStore, name: str) -> int:
+    """Bytes per element of linear ``name``'s stored weight (its factors are stored in that dtype)."""
+    return torch.empty(0, dtype=stored_dtype(store.entries[weight_key(name)].dtype)).element_size()
 
 
 def assign_shards(sizes: list[int], limit: int) -> list[int]:
@@ -83,40 +80,51 @@ def assign_shards(sizes: list[int], limit: int) -> list[int]:
     return out
 
 
-def _tensors(folder: str, files: dict[str, str], group: _Group, plan: Plan,
-             stage: LayerStage) -> tuple[dict[str, torch.Tensor], dict[str, Factors]]:
-    """A group's tensors as the checkpoint stores them, and the staged factors they include."""
-    read = read_tensors(folder, group.prefix, files, exclude=group.exclude)
-    tensors = {group.prefix + k: t for k, t in read.items()}
-    factors = stage.get(group.layer) if group.layer is not None and plan.names(group.layer) else {}
-    for name, f in factors.items():
-        del tensors[weight_key(name)]
-        tensors.update(factor_tensors(name, f))
-    return tensors, factors
+def _stream(groups: list[_Group], sizes: list[int], limit: int,
+            assemble: Callable[[_Group], dict[str, torch.Tensor]],
+            put: Callable[[int, int, dict[str, torch.Tensor]], None]) -> None:
+    """Assemble the groups in order into shards of at most ``limit`` bytes (by ``sizes``), calling
+    ``put(index, count, tensors)`` (1-based index) once per shard; one group in memory at a time besides the
+    shard being filled."""
+    shard_of = assign_shards(sizes, limit)
+    count, buffer = shard_of[-1] + 1, {}
+    for index, (group, shard) in enumerate(zip(groups, shard_of)):
+        buffer.update(assemble(group))
+        if index + 1 == len(groups) or shard_of[index + 1] != shard:
+            put(shard + 1, count, buffer)
+            buffer = {}
 
 
-def write_weights(writer: RunWriter, folder: str, plan: Plan, stage: LayerStage, spec: ArchSpec,
-                  num_layers: int, shard_bytes: int) -> dict[str, LinearRecord]:
-    """Put every tensor of the compressed model (``num_layers`` decoder layers) into ``writer`` as safetensors
-    shards of at most ``shard_bytes`` (a larger group gets its own). Returns the record of every compressed
-    linear. Raises CheckpointError when a planned layer is not staged."""
+def _check_staged(plan: Plan, stage: LayerStage) -> None:
     missing = sorted(set(plan.layers()) - stage.done())
     if missing:
         raise CheckpointError(f"layers {missing[:5]} are not staged under {stage.uri}: the job did not finish them")
-    files = weight_files(folder)
-    groups = _groups(files, plan, spec, num_layers)
-    shard_of = assign_shards([g.size for g in groups], shard_bytes)
-    count = shard_of[-1] + 1
+
+
+def write_weights(writer: RunWriter, source: ModelSource, plan: Plan, stage: LayerStage, spec: ArchSpec,
+                  num_layers: int, shard_bytes: int) -> dict[str, LinearRecord]:
+    """Put every tensor of the compressed model (``num_layers`` decoder layers) into ``writer`` as safetensors
+    shards of at most ``shard_bytes`` (a larger group gets its own): the source's tensors (read tensor by tensor
+    where they are; the planned linears' dense weights are never read) and the staged factors, in the dtype of
+    the weight each replaces. Returns the record of every compressed linear. Raises CheckpointError when a planned
+    layer is not staged."""
+    _check_staged(plan, stage)
+    store = source.weights()
+    groups = _groups(store, plan, spec, num_layers)
     shapes = {p.name: (p.m, p.n) for p in plan.modules}
     records: dict[str, LinearRecord] = {}
-    buffer: dict[str, torch.Tensor] = {}
-    for index, (group, shard) in enumerate(zip(groups, shard_of)):
-        tensors, factors = _tensors(folder, files, group, plan, stage)
-        buffer.update(tensors)
-        records.update({name: LinearRecord.of(f, shapes[name]) for name, f in factors.items()})
-        if index + 1 == len(groups) or shard_of[index + 1] != shard:
-            writer.put_tensors(shard_name(shard + 1, count), buffer, metadata={"format": "pt"})
-            buffer = {}
+
+    def assemble(group: _Group) -> dict[str, torch.Tensor]:
+        tensors = store.read(group.keys)
+        if group.layer is not None and plan.names(group.layer):
+            for name, f in stage.get(group.layer).items():
+                tensors.update(factor_tensors(name, f, stored_dtype(store.entries[weight_key(name)].dtype)))
+                records[name] = LinearRecord.of(f, shapes[name])
+        return tensors
+
+    _stream(groups, [g.size for g in groups], shard_bytes, assemble,
+            lambda index, count, tensors: writer.put_tensors(shard_name(index, count), tensors,
+                                                             metadata={"format": "pt"}))
     return records
 
 
@@ -131,12 +139,32 @@ def write_meta(writer: RunWriter, meta: RunMeta) -> None:
     writer.put_json(NESTA_JSON, meta.to_json())
 
 
-def write_dense(writer: RunWriter, model: nn.Module, tokenizer: Any) -> None:
-    """Write ``model`` with its LowRankLinears multiplied out (a copy; ``model`` is unchanged) and the tokenizer as a
-    plain Hugging Face folder under ``dense/``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        dense: Any = dense_copy(copy.deepcopy(model))
-        dense.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name in sorted(os.listdir(tmp)):
-            writer.put_file(f"{DENSE}/{name}", os.path.join(tmp, name))
+def write_dense(writer: RunWriter, source: ModelSource, plan: Plan, stage: LayerStage, spec: ArchSpec,
+                num_layers: int, shard_bytes: int) -> None:
+    """Write the compressed model multiplied out (A·B in each weight's stored dtype) with the source's config and
+    tokenizer as a plain Hugging Face folder under ``dense/``, streamed like ``write_weights`` (no process holds
+    the whole model). Raises CheckpointError when a planned layer is not staged."""
+    _check_staged(plan, stage)
+    store = source.weights()
+    groups = _groups(store, plan, spec, num_layers)
+    weight_map: dict[str, str] = {}
+
+    def assemble(group: _Group) -> dict[str, torch.Tensor]:
+        tensors = store.read(group.keys)
+        if group.layer is not None and plan.names(group.layer):
+            for name, f in stage.get(group.layer).items():
+                key = weight_key(name)
+                tensors[key] = (f.A @ f.B).to(stored_dtype(store.entries[key].dtype))
+        return tensors
+
+    def put(index: int, count: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = SINGLE if count == 1 else shard_name(index, count)
+        writer.put_bytes(f"{DENSE}/{name}", st_save(tensors, metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(tensors, name))
+
+    _stream(groups, [g.dense_size for g in groups], shard_bytes, assemble, put)
+    if len(set(weight_map.values())) > 1:
+        total = sum(store.entries[k].nbytes for k in store.keys())
+        writer.put_json(f"{DENSE}/{INDEX}", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for path in model_files(source.folder):
+        writer.put_file(f"{DENSE}/{os.path.basename(path)}", path)

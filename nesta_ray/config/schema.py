@@ -189,6 +189,8 @@ class EvaluationConfig(_Strict):
     seq_len: int = Field(512, ge=8, description="tokens per perplexity window")
     sets: list[EvalSet] = Field(default_factory=list)
     dense: bool = Field(True, description="also evaluate the uncompressed model, for the before/after table")
+    batch_size: int = Field(1, ge=1, description="windows per evaluation forward (the same in this process and "
+                            "through layer shards, where each batch is one pipelined micro-batch)")
     prompt: str | None = Field(None,
                                description="a prompt to complete greedily with the compressed model in the report")
     max_new_tokens: int = Field(24, ge=1)
@@ -240,8 +242,15 @@ class RuntimeConfig(_Strict):
     threads_per_task: int = Field(1, ge=1,
                                   description="torch threads per decomposition task (fixed for reproducibility)")
     progress: bool = Field(True, description="show rich progress bars")
-    fail_at_layer: int | None = Field(None, ge=0, description="testing only: a layer shard exits once just before "
-                                      "staging this layer (fault injection; needs runtime.workers >= 1)")
+    fail_at_layer: int | None = Field(None, ge=0, description="testing only: a layer shard exits at this layer, "
+                                      "at runtime.fail_phase, runtime.fail_times times (fault injection; needs "
+                                      "runtime.workers >= 1)")
+    fail_phase: Literal["decompose", "evaluate", "auto_ratio", "drift"] = Field(
+        "decompose", description="testing only: when the fault hits: decompose (just before staging the layer), "
+        "evaluate (a forward through the layer), auto_ratio (such a forward at a tried ratio) or drift (scoring "
+        "it)")
+    fail_times: int = Field(1, ge=1, description="testing only: how often the fault hits; above the shard's 2 "
+                            "restarts the shard fails for good")
     device_memory_gb: float | None = Field(None, gt=0,
                                            description="memory of one worker's GPU; the plan refuses a job that "
                                            "exceeds it")
@@ -268,6 +277,8 @@ class RuntimeConfig(_Strict):
             raise ValueError("offload nvme is a deepspeed option; set runtime.backend=deepspeed or offload cpu")
         if self.offload == "nvme" and not self.nvme_path:
             raise ValueError("offload nvme needs runtime.nvme_path, a local folder on an NVMe drive")
+        if self.fail_at_layer is not None and self.workers < 1:
+            raise ValueError("fail_at_layer injects a fault into a layer shard; set runtime.workers >= 1")
         return self
 
 

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from nesta_ray.errors import ModelError
+from nesta_ray.io.storage import check_storage, url_to_fs
+from nesta_ray.io.weights import WeightStore
 from nesta_ray.model.arch import arch_for
-from nesta_ray.model.layers import parameters_on_meta
+from nesta_ray.model.layers import materialise_all, parameters_on_meta
 
 
 @dataclass(frozen=True)
@@ -194,16 +196,18 @@ def convert_gguf(gguf_path: str, cache_dir: str, *, digest: str | None = None) -
     return str(target)
 
 
-def _copy_remote(uri: str, cache_dir: str, storage_options: dict | None) -> str:
-    from nesta_ray.io.storage import check_storage, url_to_fs
-
+def _copy_remote(uri: str, cache_dir: str, storage_options: dict | None, *, weights: bool = True) -> str:
+    """A local copy of a remote Hugging Face folder under ``cache_dir`` (once): every file, or with ``weights``
+    False only the non-weight files (config, tokenizer, index), the weights then being read where they are."""
     check_storage(uri, storage_options, write=False)  # a one-line StorageError for bucket, credentials, endpoint
-    target = Path(cache_dir) / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    kind = "remote" if weights else "remote-meta"
+    target = Path(cache_dir) / kind / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if (target / ".complete").is_file():
         return str(target)
     fs, root = url_to_fs(uri, storage_options)
     names = [os.path.basename(p) for p in fs.ls(root, detail=False)]
-    wanted = [n for n in names if n.endswith((".safetensors", ".json", ".jinja", ".model", ".txt"))]
+    suffixes = (".json", ".jinja", ".model", ".txt") + ((".safetensors",) if weights else ())
+    wanted = [n for n in names if n.endswith(suffixes)]
     if "config.json" not in wanted:
         raise ModelError(f"{uri} holds no config.json: not a Hugging Face model folder")
     target.mkdir(parents=True, exist_ok=True)
@@ -211,6 +215,50 @@ def _copy_remote(uri: str, cache_dir: str, storage_options: dict | None) -> str:
         fs.get(f"{root}/{name}", str(target / name))
     (target / ".complete").write_text(uri)
     return str(target)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved source model: ``folder`` is local and holds config.json and the tokenizer files;
+    ``weights_uri`` is where its safetensors are (the same folder for a local model, the remote folder otherwise:
+    they are read tensor by tensor where they are, never copied whole). Plain values, so it pickles to shards."""
+
+    folder: str
+    weights_uri: str
+    storage_options: dict | None = None
+
+    def weights(self) -> WeightStore:
+        """The source's tensors (headers read now; ModelError when there are none)."""
+        return WeightStore(self.weights_uri, self.storage_options)
+
+    def fingerprint(self) -> str:
+        """Cheap identity: config.json and every weight file's header (``WeightStore.fingerprint``)."""
+        return self.weights().fingerprint((Path(self.folder) / "config.json").read_bytes())
+
+
+def open_source(source: str, cache_dir: str | None = None, storage_options: dict | None = None) -> ModelSource:
+    """The ``ModelSource`` of a source string (as ``resolve_model`` accepts): a remote folder's config and
+    tokenizer are copied into the cache and its weights stay remote; anything else resolves to a local folder.
+    Raises ModelError / StorageError as ``resolve_model``."""
+    if "://" in source and not source.startswith("file://"):
+        meta = _copy_remote(source, cache_dir or default_cache_dir(), storage_options, weights=False)
+        return ModelSource(meta, source.rstrip("/"), storage_options)
+    folder = resolve_model(source, cache_dir, storage_options)
+    return ModelSource(folder, folder)
+
+
+def load_source(src: ModelSource, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) of a source, in eval mode: from the local folder, or for remote weights built on the meta
+    device and filled tensor by tensor from their store (no copy on disk). ModelError as ``load_model``."""
+    if src.weights_uri == src.folder:
+        return load_model(src.folder, dtype)
+    from transformers import AutoConfig, AutoTokenizer
+
+    model = skeleton(AutoConfig.from_pretrained(src.folder), dtype)
+    state = src.weights().read_prefix("")
+    materialise_all(model, state)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(src.folder)
 
 
 def model_type(folder: str) -> str:
@@ -246,46 +294,23 @@ def model_files(folder: str) -> list[str]:
     return [str(Path(folder) / n) for n in _MODEL_FILES if (Path(folder) / n).is_file()]
 
 
-def fingerprint_model(folder: str) -> str:
-    """Cheap identity of a model folder: sha256 over config.json and each weight file's name, size and header.
+def load_config(folder: str) -> Any:
+    """The transformers config of a local model folder."""
+    from transformers import AutoConfig
 
-    The safetensors header names every tensor with its dtype, shape and offsets, so a changed shape or file is
-    detected without hashing gigabytes of weights.
-    """
-    digest = hashlib.sha256((Path(folder) / "config.json").read_bytes())
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            digest.update(path.name.encode() + str(path.stat().st_size).encode() + f.read(min(size, 100 << 20)))
-    return digest.hexdigest()
+    return AutoConfig.from_pretrained(folder)
 
 
-def weight_files(folder: str) -> dict[str, str]:
-    """Tensor name -> safetensors file path of a model folder, from its index (or its single model.safetensors)."""
-    from safetensors import safe_open
+def meta_model(config: Any) -> torch.nn.Module:
+    """The causal LM of a transformers ``config`` entirely on the meta device (for planning: shapes, names)."""
+    from transformers import AutoModelForCausalLM
 
-    index = Path(folder) / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: str(Path(folder) / f) for k, f in json.loads(index.read_text())["weight_map"].items()}
-    single = Path(folder) / "model.safetensors"
-    if not single.is_file():
-        raise ModelError(f"{folder} holds neither model.safetensors nor model.safetensors.index.json")
-    with safe_open(str(single), "pt") as f:
-        return {k: str(single) for k in f.keys()}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
-def read_tensors(folder: str, prefix: str, files: dict[str, str] | None = None, *,
-                 exclude: str | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor whose name starts with ``prefix`` (and not with ``exclude``), keyed without the prefix; files
-    are memory-mapped and nothing else is read. ``files`` is ``weight_files(folder)`` when the caller has it."""
-    from safetensors import safe_open
+def load_tokenizer(folder: str) -> Any:
+    """The tokenizer of a local model folder."""
+    from transformers import AutoTokenizer
 
-    files = files if files is not None else weight_files(folder)
-    wanted = {k for k in files if k.startswith(prefix) and not (exclude and k.startswith(exclude))}
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted({files[k] for k in wanted}):
-        with safe_open(path, "pt") as f:
-            for key in f.keys():
-                if key in wanted:
-                    out[key[len(prefix):]] = f.get_tensor(key)
-    return out
+    return AutoTokenizer.from_pretrained(folder)

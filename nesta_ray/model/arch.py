@@ -14,7 +14,8 @@ class ArchSpec:
 
     ``groups`` maps an input-group name to the linears (paths inside one decoder layer) that read that input;
     the first linear of each group carries the statistics hook. ``stem`` names the backbone modules with stored
-    weights that the first decoder layer's inputs need (the token embedding). ``layer_type`` is the attribute
+    weights that the first decoder layer's inputs need (the token embedding); ``norm`` (in the backbone) and
+    ``head`` (at the top) turn the last layer's outputs into logits. ``layer_type`` is the attribute
     path, inside a decoder layer, of its attention type when layers of one model take different masks or
     position embeddings (Gemma-3's sliding and global layers); None when all layers take the same.
     """
@@ -23,6 +24,8 @@ class ArchSpec:
     groups: Mapping[str, tuple[str, ...]]
     stem: tuple[str, ...] = ("embed_tokens",)
     layer_type: str | None = None
+    norm: str = "norm"
+    head: str = "lm_head"
 
     @property
     def backbone(self) -> str:

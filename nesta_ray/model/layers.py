@@ -89,6 +89,33 @@ def materialise(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     module.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, assign=True)
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """alias -> kept name for parameters that are one tensor under two names (e.g. a tied lm_head)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def materialise_all(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give a whole causal LM built under ``parameters_on_meta`` its stored tensors (full names; tied aliases
+    may be absent and are re-tied), cast to the model's dtypes. Raises ModelError naming missing or unexpected
+    keys."""
+    expected = model.state_dict()
+    aliases = set(tied_aliases(model))
+    missing = sorted(set(expected) - set(state) - aliases)
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelError(f"weights do not match {type(model).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.tie_weights()  # type: ignore[operator]  # a transformers model's method
+
+
 # What capture_layer_inputs returns for run_layer: {"type_attr": ArchSpec.layer_type, "by_type": {layer type (None
 # when the architecture has one): the kwargs those layers receive}}. Plain containers only, so it pickles between
 # Ray processes and any walker of dicts/tuples (moving tensors to a device) keeps its shape.
@@ -152,6 +179,14 @@ def capture_layer_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tens
     if set(captured["kwargs"]) != set(kinds):
         raise ModelError("the backbone never reached all its decoder layers; is this a decoder-only model?")
     return captured["hidden"], {"type_attr": spec.layer_type, "by_type": captured["kwargs"]}
+
+
+def head_logits(model: nn.Module, spec: ArchSpec, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (b, t, V) from the last decoder layer's outputs (b, t, d): the final norm, the head and the
+    family's logit soft-capping where its config sets one (Gemma), as the model's own forward computes them."""
+    logits = model.get_submodule(spec.head)(model.get_submodule(f"{spec.backbone}.{spec.norm}")(hidden))
+    cap = getattr(config_of(model), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: LayerKwargs) -> torch.Tensor:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-
-import torch
+from typing import Any
 
 from nesta_ray.errors import DataError
 from nesta_ray.io.storage import read_bytes
-from nesta_ray.ops.evaluation import generate
+from nesta_ray.ops.evaluation import NextToken, generate
 
 
 @dataclass(frozen=True)
@@ -103,9 +102,9 @@ def read_cases(uri: str, storage_options: dict | None = None) -> list[Case]:
     return parse_cases(raw.decode("utf-8"), uri)
 
 
-def run_cases(model: torch.nn.Module, tokenizer, cases: list[Case], max_new_tokens: int) -> dict[str, str]:
+def run_cases(next_token: NextToken, tokenizer: Any, cases: list[Case], max_new_tokens: int) -> dict[str, str]:
     """Greedy continuation of every case's prompt, by case name."""
-    return {c.name: generate(model, tokenizer, c.prompt, max_new_tokens) for c in cases}
+    return {c.name: generate(next_token, tokenizer, c.prompt, max_new_tokens) for c in cases}
 
 
 def check_gate(perplexity: dict[str, dict], max_increase: dict[str, float], cases: list[Case],

@@ -9,8 +9,10 @@
   onto the device and frees them after. Each shard actor is its own distributed world of size 1 (gloo on CPU,
   NCCL on GPU).
 
-Both embed on the host (first shard only: token embedding and rotary tables, no head) and give a shard the same
-verbs: ``embed``, ``loaded``, ``run``, ``inputs_of``, ``weights``, ``install``, ``release``.
+Both embed on the host (first shard only: token embedding and rotary tables), hold the final norm and the head on
+the last shard only (for evaluation and generation), read every tensor through the source's ``WeightStore``
+(ranged reads of its own tensors on remote storage), and give a shard the same verbs: ``embed``, ``loaded``,
+``run``, ``logits``, ``inputs_of``, ``weights``, ``install``, ``restore``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from nesta_ray.io.sources import read_tensors, skeleton, weight_files
-from nesta_ray.method.decompose import Factors
+from nesta_ray.errors import ModelError
+from nesta_ray.io.sources import ModelSource, skeleton
 from nesta_ray.model.arch import ArchSpec, arch_for
-from nesta_ray.model.layers import capture_layer_inputs, decoder_layers, group_inputs, materialise, run_layer, weight_of
-from nesta_ray.model.lowrank import install_factors
+from nesta_ray.model.layers import (
+    capture_layer_inputs,
+    decoder_layers,
+    group_inputs,
+    head_logits,
+    materialise,
+    run_layer,
+    weight_of,
+)
+from nesta_ray.pipeline.layer_host import LayerHost
 from nesta_ray.plan.linears import ModulePlan
 
 RESIDENT_FRACTION = 0.5  # layerwise on a GPU: keep the shard on the device when it needs at most this much free memory
@@ -64,44 +74,72 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def open_backend(spec: BackendSpec, folder: str, layers: list[int], *, first: bool, dtype: str,
-                 device: torch.device | None = None) -> LayerwiseBackend | DeepSpeedBackend:
-    """The backend ``spec`` names for decoder layers ``layers`` of the model in ``folder`` (ValueError if unknown)."""
+@dataclass(frozen=True)
+class ShardPart:
+    """Which part of the model a shard holds: its decoder layers, whether it embeds (first) and whether it holds
+    the final norm and the head (last)."""
+
+    layers: list[int]
+    first: bool
+    last: bool
+
+
+def open_backend(spec: BackendSpec, source: ModelSource, part: ShardPart, *, dtype: str,
+                 device: torch.device | None = None) -> Backend:
+    """The backend ``spec`` names for ``part`` of the model at ``source`` (ValueError if unknown)."""
     device = device or compute_device()
     if spec.name == "layerwise":
-        return LayerwiseBackend(folder, layers, first=first, dtype=dtype, device=device)
+        return LayerwiseBackend(source, part, dtype=dtype, device=device)
     if spec.name == "deepspeed":
-        return DeepSpeedBackend(folder, layers, first=first, dtype=dtype, device=device, offload=spec.offload,
+        return DeepSpeedBackend(source, part, dtype=dtype, device=device, offload=spec.offload,
                                 nvme_path=spec.nvme_path)
     raise ValueError(f"unknown backend {spec.name!r}; use layerwise or deepspeed")
 
 
-class _Backend:
-    """The shared part: a meta-device skeleton of the model, the first shard's embedding on the host, and each of
-    the shard's decoder layers read alone from safetensors (``_read_layer``)."""
+class _Backend(LayerHost):
+    """The shared part: a meta-device skeleton of the model, the first shard's embedding on the host, the last
+    shard's norm and head on the device, and each of the shard's decoder layers read alone from the source
+    (``_read_layer``). Installed factors replace dense linears, which are kept (``restore`` puts them back)."""
 
-    def __init__(self, folder: str, layers: list[int], *, first: bool, dtype: str, device: torch.device) -> None:
+    def __init__(self, source: ModelSource, part: ShardPart, *, dtype: str, device: torch.device) -> None:
         from transformers import AutoConfig
 
-        self.folder, self.device, self.layer_ids = folder, device, layers
+        super().__init__()
+        self.source, self.device, self.layer_ids = source, device, part.layers
         self.factor_device = device  # where installed factors live (the layer's home between calls)
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(source.folder)
         self.spec: ArchSpec = arch_for(config.model_type)
         self.skeleton = skeleton(config, getattr(torch, dtype))  # parameters on meta, computed buffers real
-        self.files = weight_files(folder)
-        for name in self.spec.stem if first else ():  # the embedding, named by the architecture map
+        self.store = source.weights()
+        for name in self.spec.stem if part.first else ():  # the embedding, named by the architecture map
             path = f"{self.spec.backbone}.{name}"
-            materialise(self.skeleton.get_submodule(path), read_tensors(folder, f"{path}.", self.files))
+            materialise(self.skeleton.get_submodule(path), self.store.read_prefix(f"{path}."))
+        if part.last:
+            self._read_head()
+
+    def _read_head(self) -> None:
+        """The final norm and the head, on the device; a tied head reads the tensor it is tied to."""
+        norm = f"{self.spec.backbone}.{self.spec.norm}"
+        materialise(self.skeleton.get_submodule(norm), self.store.read_prefix(f"{norm}."))
+        head = self.skeleton.get_submodule(self.spec.head)
+        tied_to = f"{self.spec.backbone}.{self.spec.stem[0]}."  # a tied head shares the embedding's tensors
+        stored = {local: full if full in self.store.entries else tied_to + local
+                  for local in head.state_dict() for full in [f"{self.spec.head}.{local}"]}
+        missing = sorted(k for k in stored.values() if k not in self.store.entries)
+        if missing:
+            raise ModelError(f"{self.source.weights_uri} stores no {missing[0]}: the head is neither stored nor tied "
+                             "to the embedding")
+        read = self.store.read(sorted(set(stored.values())))
+        materialise(head, {local: read[key] for local, key in stored.items()})
+        for path in (norm, self.spec.head):
+            self.skeleton.get_submodule(path).to(self.device)
 
     def _read_layer(self, i: int) -> nn.Module:
         """Decoder layer ``i`` alone, on the host, with its weights from the source."""
         layer = copy.deepcopy(decoder_layers(self.skeleton, self.spec)[i])
         layer.to_empty(device="cpu")
-        layer.load_state_dict(read_tensors(self.folder, self.spec.layer_prefix(i), self.files), strict=True)
+        layer.load_state_dict(self.store.read_prefix(self.spec.layer_prefix(i)), strict=True)
         return layer
-
-    def _local(self, i: int, name: str) -> str:
-        return name.removeprefix(self.spec.layer_prefix(i))
 
     def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Token ids (b, t) -> hidden states (b, t, d) entering layer 0 and the layer kwargs, on the host."""
@@ -124,12 +162,9 @@ class _Backend:
         """Layer ``i``'s output (b, t, d) for ``hidden`` (b, t, d); inputs on ``self.device``."""
         return run_layer(self.layer(i), hidden, kwargs)
 
-    def install(self, i: int, factors: dict[str, Factors]) -> None:
-        """Replace layer ``i``'s linears named in ``factors`` (full names) by LowRankLinears of their factors."""
-        install_factors(self.layer(i), factors, prefix=self.spec.layer_prefix(i), device=self.factor_device)
-
-    def release(self, i: int) -> None:
-        """Free layer ``i``'s weights (the shard will not run it again)."""
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (b, t, V) of the last layer's outputs (b, t, d) on ``self.device`` (last shard only)."""
+        return head_logits(self.skeleton, self.spec, hidden)
 
     def close(self) -> None:
         """Free what the backend holds beyond the Python objects."""
@@ -138,9 +173,9 @@ class _Backend:
 class LayerwiseBackend(_Backend):
     """Layers in host memory, moved to the device per call (or kept there when the shard fits)."""
 
-    def __init__(self, folder: str, layers: list[int], *, first: bool, dtype: str, device: torch.device) -> None:
-        super().__init__(folder, layers, first=first, dtype=dtype, device=device)
-        self.layers = {i: self._read_layer(i) for i in layers}
+    def __init__(self, source: ModelSource, part: ShardPart, *, dtype: str, device: torch.device) -> None:
+        super().__init__(source, part, dtype=dtype, device=device)
+        self.layers = {i: self._read_layer(i) for i in part.layers}
         self.resident = device.type == "cpu"
         if device.type == "cuda":
             need = sum(p.numel() * p.element_size() for m in self.layers.values() for p in m.parameters())
@@ -164,15 +199,6 @@ class LayerwiseBackend(_Backend):
         finally:
             self.layers[i].to("cpu")
 
-    def weights(self, i: int, plans: list[ModulePlan]) -> dict[str, np.ndarray]:
-        """float32 weights (out, in) of the planned linears of layer ``i``, on the host."""
-        layer = self.layers[i]
-        return {p.name: weight_of(layer.get_submodule(self._local(i, p.name))).detach().float().cpu().numpy()
-                for p in plans}
-
-    def release(self, i: int) -> None:
-        self.layers[i] = None  # type: ignore[assignment]
-
 
 class _Layers(nn.Module):
     """The container ZeRO-3 wraps: the shard's layers by index; ``forward`` runs one of them."""
@@ -188,14 +214,15 @@ class _Layers(nn.Module):
 class DeepSpeedBackend(_Backend):
     """ZeRO-Inference: ZeRO stage 3 in a world of size 1, parameters offloaded to ``offload`` (cpu | nvme)."""
 
-    def __init__(self, folder: str, layers: list[int], *, first: bool, dtype: str, device: torch.device,
+    def __init__(self, source: ModelSource, part: ShardPart, *, dtype: str, device: torch.device,
                  offload: str = "cpu", nvme_path: str | None = None) -> None:
-        super().__init__(folder, layers, first=first, dtype=dtype, device=device)
+        super().__init__(source, part, dtype=dtype, device=device)
         deepspeed = init_world(device)
-        largest = max(p.numel() for i in layers for p in decoder_layers(self.skeleton, self.spec)[i].parameters())
+        largest = max(p.numel() for i in part.layers
+                      for p in decoder_layers(self.skeleton, self.spec)[i].parameters())
         self.config = ds_config(offload, nvme_path, pin=device.type == "cuda", largest_param=largest)
         built = {}
-        for i in layers:  # partition each layer as it is read: at most one dense layer in host memory at a time
+        for i in part.layers:  # partition each layer as it is read: at most one dense layer in host memory at a time
             built[i] = self._read_layer(i)
             deepspeed.zero.Init(module=built[i], config_dict_or_path=self.config, remote_device=offload,
                                 pin_memory=device.type == "cuda", mem_efficient_linear=False)
@@ -212,7 +239,7 @@ class DeepSpeedBackend(_Backend):
         """float32 weights (out, in), copied to the host while ZeRO has them gathered."""
         import deepspeed
 
-        mods = {p.name: self.layer(i).get_submodule(self._local(i, p.name)) for p in plans}
+        mods = {p.name: self._dense_linear(i, p.name) for p in plans}
         with deepspeed.zero.GatheredParameters([m.weight for m in mods.values()]):
             return {name: weight_of(m).detach().float().cpu().numpy().copy() for name, m in mods.items()}
 
@@ -257,3 +284,6 @@ def init_world(device: torch.device):
                           MASTER_PORT=str(_free_port()))
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return deepspeed
+
+
+Backend = LayerwiseBackend | DeepSpeedBackend

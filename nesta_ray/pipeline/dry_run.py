@@ -3,18 +3,19 @@ with ``runtime.workers`` the layer-shard actors with their memory peaks, bytes a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nesta_ray.config.schema import JobConfig
 from nesta_ray.errors import ConfigError
+from nesta_ray.io.sources import meta_model
+from nesta_ray.ops.gate import read_cases
 from nesta_ray.plan.linears import ModulePlan, Plan, plan_for
 from nesta_ray.plan.sizing import ModelShape, dtype_bytes, memory_estimate, shard_plan
-from nesta_ray.plan.timing import Rates, job_seconds, measure_rates, shard_time
+from nesta_ray.plan.timing import Phase, Rates, drift_phase, job_phases, job_seconds, measure_rates, shard_time
 from nesta_ray.report.markdown import table
 
 
@@ -30,9 +31,10 @@ def hf_config_of(cfg: JobConfig) -> Any:
         except (OSError, KeyError, ValueError) as err:
             raise ConfigError(f"model.config_json: cannot read a config.json with model_type from "
                               f"{cfg.model.config_json} ({type(err).__name__}: {err})") from None
-    from nesta_ray.io.sources import resolve_model
+    from nesta_ray.io.sources import open_source
 
-    return AutoConfig.from_pretrained(resolve_model(cfg.model.source, cfg.model.cache_dir, cfg.model.storage_options))
+    return AutoConfig.from_pretrained(open_source(cfg.model.source, cfg.model.cache_dir,
+                                                  cfg.model.storage_options).folder)
 
 
 def _split(p: ModulePlan, cfg: JobConfig) -> str:
@@ -50,9 +52,13 @@ def _linear_table(plan: Plan, cfg: JobConfig) -> str:
     return table(["linear", "count", "shape (out x in)", "rank", "k1+k2", "params before", "params after"], rows)
 
 
-def _shard_lines(cfg: JobConfig, plan: Plan, hf_config: Any) -> list[str]:
-    rates_src = "runtime.rates" if cfg.runtime.rates else "measured on this machine (1 process)"
-    rates = Rates(**cfg.runtime.rates.model_dump()) if cfg.runtime.rates else measure_rates()
+def _rates(cfg: JobConfig) -> tuple[Rates, str]:
+    if cfg.runtime.rates:
+        return Rates(**cfg.runtime.rates.model_dump()), "runtime.rates"
+    return measure_rates(), "measured on this machine (1 process)"
+
+
+def _shard_lines(cfg: JobConfig, plan: Plan, hf_config: Any, rates: Rates, rates_src: str) -> list[str]:
     shards = shard_plan(cfg, plan, hf_config)
     times = [shard_time(s, rates) for s in shards]
     gib = lambda b: f"{b / 2**30:,.1f}"  # noqa: E731
@@ -62,7 +68,7 @@ def _shard_lines(cfg: JobConfig, plan: Plan, hf_config: Any) -> list[str]:
     cal = cfg.calibration
     total, how = job_seconds(times, cal.mode, -(-cal.num_sequences // cal.micro_batch))
     return [
-        table(["actor", "layers", "weights GiB", "device peak GiB", "host peak GiB", "read GiB", "write GiB",
+        table(["actor", "layers", "weights GiB", "device peak GiB", "host peak GiB", "read GiB", "stage write GiB",
                "calibration h", "decomposition h"], rows),
         f"time estimate: {total / 3600:.2f} h ({how}; rates {rates_src}: matmul {rates.matmul_gflops:,.0f} GFLOP/s, "
         f"SVD {rates.svd_gflops:,.1f} GFLOP/s, read {rates.read_gbps} GB/s, write {rates.write_gbps} GB/s)",
@@ -71,18 +77,38 @@ def _shard_lines(cfg: JobConfig, plan: Plan, hf_config: Any) -> list[str]:
     ]
 
 
-def dry_run(cfg: JobConfig) -> str:
-    """The plan of ``cfg`` as text (no weights read: the model is built on the meta device). Raises ConfigError
-    when the job cannot be planned or does not fit."""
-    from transformers import AutoModelForCausalLM
+def phases_table(phases: list[Phase]) -> str:
+    """The phases with their estimated hours and bytes, and the total."""
+    gib = lambda b: f"{b / 2**30:,.1f}"  # noqa: E731
+    rows = [[p.name, f"{p.seconds / 3600:.3f}", gib(p.read_bytes), gib(p.written_bytes), p.how] for p in phases]
+    rows.append(["total", f"{sum(p.seconds for p in phases) / 3600:.3f}", gib(sum(p.read_bytes for p in phases)),
+                 gib(sum(p.written_bytes for p in phases)), ""])
+    return table(["phase", "hours", "read GiB", "written GiB", "how"], rows)
 
-    auto = cfg.method.auto
-    if auto:  # the search picks the ratio at run time; plan (and size) its largest ranks
-        cfg = cfg.with_ratio(auto.min_ratio)
+
+def _cases(cfg: JobConfig) -> int:
+    return len(read_cases(cfg.gate.cases, cfg.gate.storage_options)) if cfg.gate and cfg.gate.cases else 0
+
+
+def planned(cfg: JobConfig) -> tuple[Any, Plan]:
+    """The source's config and the job's plan (at the smallest ratio an automatic search may choose)."""
     hf_config = hf_config_of(cfg)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    plan = plan_for(model, cfg)
+    sized = cfg.with_ratio(cfg.method.auto.min_ratio) if cfg.method.auto else cfg
+    return hf_config, plan_for(meta_model(hf_config), sized)
+
+
+def job_phase_list(cfg: JobConfig, plan: Plan, hf_config: Any, rates: Rates) -> list[Phase]:
+    """Every phase of this sharded job (``plan.timing.job_phases``)."""
+    shards = shard_plan(cfg, plan, hf_config)
+    return job_phases(cfg, shards, hf_config.vocab_size * hf_config.hidden_size, rates, _cases(cfg))
+
+
+def dry_run(cfg: JobConfig) -> str:
+    """The plan of ``cfg`` as text (no weights read: the model is built on the meta device): linears, totals,
+    memory, and with ``runtime.workers`` the shards and every phase's time and bytes. Raises ConfigError when the
+    job cannot be planned or does not fit."""
+    hf_config, plan = planned(cfg)
+    auto = cfg.method.auto
     lines = [
         f"model {cfg.model.source} ({hf_config.model_type}, {plan.model_params:,} parameters), method "
         f"{cfg.method.name}, ratio {cfg.method.ratio}" + (f" (auto: the largest of {auto.grid()} keeping {auto.set} "
@@ -95,9 +121,32 @@ def dry_run(cfg: JobConfig) -> str:
         f"{plan.model_params - plan.params_before + plan.params_after:,}",
     ]
     if cfg.runtime.workers:
-        lines += _shard_lines(cfg, plan, hf_config)
+        rates, rates_src = _rates(cfg)
+        lines += _shard_lines(cfg, plan, hf_config, rates, rates_src)
+        lines.append(phases_table(job_phase_list(cfg, plan, hf_config, rates)))
     else:
-        mem = memory_estimate(plan, ModelShape.of(hf_config, dtype_bytes(cfg.model.dtype)), cfg.calibration)
+        shape = ModelShape.of(hf_config, dtype_bytes(cfg.model.dtype), plan.model_params)
+        mem = memory_estimate(plan, shape, cfg.calibration)
         lines.append(table(["memory", "GiB"], [[k, f"{v / 2**30:.3f}"] for k, v in mem.items()]))
     lines.append(f"output: {cfg.output.uri}/runs/<run id> (then latest)")
     return "\n\n".join(lines)
+
+
+def night_dry_run(cfg: JobConfig) -> str:
+    """A night of ``cfg`` as text: drift scoring on the shards, then (on a recompress night) the job's phases and
+    the new run's held-out baseline. Raises ConfigError as ``dry_run``."""
+    if not cfg.runtime.workers:
+        return "a night on the whole model in this process: score drift, then maybe run the job\n\n" + dry_run(cfg)
+    hf_config, plan = planned(cfg)
+    rates, rates_src = _rates(cfg)
+    shards = shard_plan(cfg, plan, hf_config)
+    error_flops = sum(2.0 * p.m * p.n * p.n + 2.0 * p.rank * p.n * (p.n + p.m) for p in plan.modules)
+    drift = drift_phase(cfg, shards, error_flops, rates)
+    skip = [drift]
+    recompress = [drift, *job_phase_list(cfg, plan, hf_config, rates),
+                  dataclasses.replace(drift, name="held-out baseline of the new run")]
+    return "\n\n".join([
+        f"night of {cfg.model.source} on {cfg.runtime.workers} layer shards (rates {rates_src}); drift threshold "
+        f"{cfg.nightly.drift_threshold}, {cfg.nightly.sample_sequences} sample windows, keep "
+        f"{cfg.nightly.keep_runs} runs",
+        "a night that skips:", phases_table(skip), "a night that recompresses:", phases_table(recompress)])

@@ -5,8 +5,10 @@ last night), score activation drift of the published checkpoint on a sample of i
 either skip or run the job, which gates and publishes. Then prune old runs and write a record of the night to
 ``<output.uri>/nights/<time>.json``. Also runs under ``ray job submit``.
 
-Drift is scored in the driver process on the dense source model and the published factors (both in memory): fine
-for small and medium models; a 70B model would need the layer-shard actors to gather tonight's Grams.
+Drift is scored where the layers live (``drift_scoring``): with ``runtime.workers`` the layer shards gather
+tonight's Grams of their own layers and score them against the published factors they read (only their bytes);
+the driver only combines per-linear errors into per-layer scores. A shard that fails for good fails the night
+before anything moves ``latest``.
 """
 
 from __future__ import annotations
@@ -15,21 +17,17 @@ import datetime
 import json
 from typing import Any
 
-import torch
-
 from nesta_ray.checkpoint.layout import REPORT_JSON, RUNS
-from nesta_ray.checkpoint.reader import load_compressed, read_meta
+from nesta_ray.checkpoint.reader import read_meta
 from nesta_ray.checkpoint.runs import list_runs, published_run, run_id_of
 from nesta_ray.config.schema import JobConfig
 from nesta_ray.data.windows import TextCache, heldout_ids, sample_ids
-from nesta_ray.io.sources import load_model, resolve_model
+from nesta_ray.io.sources import load_tokenizer
 from nesta_ray.io.storage import check_storage, join, list_names, put_object, read_json, remove_tree
-from nesta_ray.method.drift import layer_scores, relative_error
-from nesta_ray.model.arch import arch_for
-from nesta_ray.model.calibration import collect_statistics
-from nesta_ray.model.layers import config_of, weight_of
-from nesta_ray.model.lowrank import LowRankLinear
+from nesta_ray.method.drift import layer_scores
 from nesta_ray.ops.metrics import JobMetrics
+from nesta_ray.pipeline.context import resolve_source
+from nesta_ray.pipeline.drift_scoring import DriftScorer
 from nesta_ray.pipeline.job import run_job
 from nesta_ray.pipeline.ray_env import ensure_ray
 from nesta_ray.report.html import render_html
@@ -43,27 +41,6 @@ def last_record(cfg: JobConfig) -> dict | None:
     root = join(cfg.output.uri, NIGHTS)
     names = [n for n in list_names(root, cfg.output.storage_options) if n.endswith(".json")]
     return read_json(join(root, names[-1]), cfg.output.storage_options) if names else None
-
-
-def run_errors(cfg: JobConfig, dense: torch.nn.Module, run_uri: str,
-               ids: torch.Tensor) -> tuple[dict[str, float], dict[str, int]]:
-    """Relative output error of every compressed linear of the run at ``run_uri`` under the Grams of token windows
-    ``ids`` (n, L) through ``dense``, the source model (left unchanged), and each linear's layer."""
-    opts = cfg.output.storage_options
-    meta = read_meta(run_uri, opts)
-    spec = arch_for(config_of(dense).model_type)
-    layer_of = {name: spec.layer_of(name) for name in meta.modules}
-    stats = collect_statistics(dense, spec, sorted(set(layer_of.values())), ids, cfg.calibration.micro_batch)
-    published = load_compressed(run_uri, opts)
-    errors = {}
-    for name in meta.modules:
-        gram = stats[layer_of[name]][spec.group_of(name.rsplit(".", 1)[1])].gram  # (n, n)
-        assert gram is not None
-        low = published.get_submodule(name)
-        assert isinstance(low, LowRankLinear)
-        errors[name] = relative_error(weight_of(dense.get_submodule(name)).detach(), low.A.detach(), low.B.detach(),
-                                      gram)
-    return errors, layer_of
 
 
 def baseline_errors(cfg: JobConfig, run_uri: str) -> tuple[dict[str, float], str]:
@@ -100,10 +77,10 @@ def tonight_config(cfg: JobConfig, previous: dict | None) -> JobConfig:
         "logs": logs.model_copy(update={"since": since})})})
 
 
-def _score(cfg: JobConfig, dense: torch.nn.Module, run_uri: str, texts: TextCache, stamp: str) -> dict[str, Any]:
+def _score(cfg: JobConfig, scorer: DriftScorer, run_uri: str, texts: TextCache, stamp: str) -> dict[str, Any]:
     """Tonight's drift of the published run: per-layer scores against its baseline, and the decision."""
     ids = sample_ids(cfg, texts, cfg.nightly.sample_sequences)
-    now_errors, layer_of = run_errors(cfg, dense, run_uri, ids)
+    now_errors, layer_of = scorer.errors(run_uri, ids)
     then_errors, source = baseline_errors(cfg, run_uri)
     scores = layer_scores(then_errors, now_errors, layer_of)
     metrics = JobMetrics("nightly", stamp, cfg.model.source)
@@ -127,13 +104,13 @@ def run_night(cfg: JobConfig, now: datetime.datetime | None = None) -> dict[str,
     run_uri = published_run(cfg.output.uri, opts)
     record["published_before"] = run_uri and run_id_of(run_uri)
     ensure_ray(cfg.runtime.ray_address, cfg.runtime.num_cpus)
-    dense, tokenizer = load_model(resolve_model(cfg.model.source, cfg.model.cache_dir, cfg.model.storage_options),
-                                  getattr(torch, cfg.model.dtype))  # loaded once per night: scores and baseline
-    texts = TextCache(tokenizer)
+    source = resolve_source(cfg)
+    scorer = DriftScorer(cfg, source)  # in-process: the dense model is loaded once per night
+    texts = TextCache(load_tokenizer(source.model.folder))
     if run_uri is None:
         record["decision"], record["reason"] = "recompress", "no published run yet"
     else:
-        record.update(_score(cfg, dense, run_uri, texts, now.strftime(STAMP)))
+        record.update(_score(cfg, scorer, run_uri, texts, now.strftime(STAMP)))
     if record["decision"] == "recompress":
         report = run_job(cfg)
         record.update(run_id=report["run_id"], published=report["published"],
@@ -141,7 +118,7 @@ def run_night(cfg: JobConfig, now: datetime.datetime | None = None) -> dict[str,
         heldout = heldout_ids(cfg, texts)
         if report["published"] and len(heldout):
             record["baseline"] = {"run_id": report["run_id"], "tokens": heldout.numel(),
-                                  "errors": run_errors(cfg, dense, report["run_uri"], heldout)[0]}
+                                  "errors": scorer.errors(report["run_uri"], heldout)[0]}
     latest = published_run(cfg.output.uri, opts)
     record["removed_runs"] = prune_runs(cfg, cfg.nightly.keep_runs, latest and run_id_of(latest))
     stamp = now.strftime(STAMP)

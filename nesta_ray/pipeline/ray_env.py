@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import ray
@@ -21,6 +22,18 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local, loopback-only: no token to hand around
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def actor_restarted() -> bool:
+    """Whether this process is a Ray actor that Ray restarted after its process died (False outside an actor)."""
+    if not ray.is_initialized():
+        return False
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:
+        return False
+    with warnings.catch_warnings():  # the property itself calls a deprecated Ray accessor
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(context.was_current_actor_reconstructed)
 
 
 def first_line(err: BaseException) -> str:

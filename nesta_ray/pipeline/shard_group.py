@@ -11,17 +11,24 @@ whole job, recomputes only what is missing.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from nesta_ray.checkpoint.stage import LayerStage
-from nesta_ray.errors import ConfigError
+from nesta_ray.errors import ConfigError, ShardStateLost
+from nesta_ray.io.sources import ModelSource
+from nesta_ray.pipeline.backends import ShardPart
 from nesta_ray.pipeline.ray_env import fetch
+from nesta_ray.pipeline.shard_weights import Weights
 from nesta_ray.pipeline.shard_worker import LayerShard, ShardOptions
 from nesta_ray.pipeline.tasks import Work
 from nesta_ray.plan.sizing import shard_ranges
@@ -31,16 +38,18 @@ PLACEMENT_TIMEOUT_S = 60
 
 
 class ShardGroup:
-    """``workers`` layer-shard actors over the model in ``folder``, gang-scheduled in a placement group
-    (``work.threads`` CPUs and, where the cluster has GPUs, one GPU each), restarted by Ray if their process dies.
-    Use as a context manager: entering places and starts the actors, leaving stops them. Raises ConfigError when
-    the cluster cannot place them."""
+    """``workers`` layer-shard actors over every decoder layer of the model at ``source``, gang-scheduled in a
+    placement group (``work.threads`` CPUs and, where the cluster has GPUs, one GPU each), restarted by Ray if
+    their process dies; the last one holds the final norm and the head. Use as a context manager: entering places
+    and starts the actors, leaving stops them. Raises ConfigError when the cluster cannot place them."""
 
-    def __init__(self, folder: str, work: Work, stage: LayerStage, workers: int,
+    def __init__(self, source: ModelSource, work: Work, stage: LayerStage | None, workers: int,
                  options: ShardOptions | None = None) -> None:
-        self.folder, self.work, self.stage, self.options = folder, work, stage, options or ShardOptions()
-        self.ranges = shard_ranges(max(work.plan.layers()) + 1, workers)
+        self.source, self.work, self.stage, self.options = source, work, stage, options or ShardOptions()
+        config = json.loads((Path(source.folder) / "config.json").read_text())
+        self.ranges = shard_ranges(int(config["num_hidden_layers"]), workers)
         self.actors: list[Any] = []
+        self.prepared_inputs: list[list[Any]] = []  # each shard's inputs to ``prepare``, to prepare a restarted one
 
     def __enter__(self) -> ShardGroup:
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -60,7 +69,8 @@ class ShardGroup:
         self.actors = [
             remote.options(**resources, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.group, placement_group_bundle_index=k)).remote(
-                self.folder, layers, self.work, self.stage, self.options, first=k == 0)
+                self.source, ShardPart(layers, first=k == 0, last=k == workers - 1), self.work, self.stage,
+                self.options)
             for k, layers in enumerate(self.ranges)
         ]
         return self
@@ -76,13 +86,13 @@ class ShardGroup:
 
     def fetch(self, refs: Any) -> Any:
         """The shards' results; a shard that fails for good becomes one PipelineError (its NestaError as itself)."""
-        return fetch(refs, f"a layer shard (after {MAX_RESTARTS} restarts)",
-                     f"finished layers are staged under {self.stage.uri}, rerun the job to resume")
+        where = f"finished layers are staged under {self.stage.uri}, rerun the job to resume" if self.stage else ""
+        return fetch(refs, f"a layer shard (after {MAX_RESTARTS} restarts)", where)
 
     def compress(self, ids: torch.Tensor) -> dict[str, Any]:
-        """Calibrate, decompose and stage every planned linear on token windows ``ids`` (N, L). Returns
-        {"computed": layers decomposed here, "timings": phase seconds, "actors": per-actor layers, peak memory and
-        seconds}; the factors are in the stage."""
+        """Calibrate, decompose and stage every planned linear on token windows ``ids`` (N, L); the shards then
+        compute with the staged factors. Returns {"computed": layers decomposed here, "timings": phase seconds,
+        "actors": per-actor layers, peak memory and seconds}."""
         start = time.perf_counter()
         summaries = self.fetch(_run_shards(self.actors, ids, self.work.micro_batch, self.work.mode))
         timings = {"sharded_total": time.perf_counter() - start}
@@ -90,17 +100,88 @@ class ShardGroup:
             timings[f"max_actor_{key}"] = max(s["seconds"][key] for s in summaries)
             timings[f"sum_actor_{key}"] = sum(s["seconds"][key] for s in summaries)
         return {"computed": sorted(i for s in summaries for i in s["computed"]), "timings": timings,
-                "actors": [{"layers": r, **{k: s[k] for k in ("device", "peak_rss_bytes", "peak_device_bytes",
-                                                              "seconds", "decompose_seconds")}}
-                           for r, s in zip(self.ranges, summaries)]}
+                "actors": self._reports(summaries)}
+
+    def _reports(self, summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        keys = ("device", "peak_rss_bytes", "peak_device_bytes", "seconds", "decompose_seconds", "bytes_read",
+                "restarted")
+        return [{"layers": r, **{k: s[k] for k in keys}} for r, s in zip(self.ranges, summaries)]
+
+    def reports(self) -> list[dict[str, Any]]:
+        """Per shard, so far: its layers, device, peak memory, phase seconds (load, calibration, decomposition,
+        evaluation, drift: busy time inside the shard, since its last restart), the weight bytes it read and
+        whether Ray restarted it."""
+        return self._reports(self.fetch([actor.summary.remote() for actor in self.actors]))
+
+    def _rebuilding(self, call: Callable[[], Any]) -> Any:
+        """``call()``; when a shard restarted since ``prepare`` lost its SVDs, have it prepare again from the same
+        inputs and call once more."""
+        try:
+            return call()
+        except ShardStateLost:
+            if not self.prepared_inputs:
+                raise
+            self.fetch([a.ensure_prepared.remote(*mine) for a, mine in zip(self.actors, self.prepared_inputs)])
+            return call()
+
+    def _infer(self, ids: torch.Tensor, weights: Weights, batch_size: int, targets: bool) -> list[np.ndarray]:
+        """Micro-batches of ``batch_size`` windows of ``ids`` (W, L) pipelined through the shards; the last shard's
+        outputs per micro-batch (NLL sums with ``targets``, else next tokens)."""
+        return self._rebuilding(lambda: self._pipelined(ids, weights, batch_size, targets))
+
+    def _pipelined(self, ids: torch.Tensor, weights: Weights, batch_size: int, targets: bool) -> list[np.ndarray]:
+        starts = list(range(0, ids.shape[0], batch_size))
+        refs = [self.actors[0].embed.remote(ids[s : s + batch_size].numpy()) for s in starts]
+        for k, actor in enumerate(self.actors):
+            last = k == len(self.actors) - 1
+            refs = [actor.infer.remote(ref, weights, ids[s : s + batch_size].numpy() if last and targets else None)
+                    for s, ref in zip(starts, refs)]
+        return self.fetch(refs)
+
+    def window_nll(self, windows: torch.Tensor, weights: Weights, batch_size: int = 1) -> torch.Tensor:
+        """Summed next-token NLL of each window (W,) for token windows (W, L) under ``weights``."""
+        return torch.from_numpy(np.concatenate(self._infer(windows, weights, batch_size, targets=True)))
+
+    def next_token(self, seq: torch.Tensor, weights: Weights) -> int:
+        """The arg-max next token after sequence ``seq`` (1, t) under ``weights``."""
+        return int(self._infer(seq, weights, 1, targets=False)[0][0])
+
+    def _dense_pass(self, ids: torch.Tensor) -> list[list[Any]]:
+        """Original-mode calibration of every planned layer on the dense weights, pipelined; returns each shard's
+        input refs (which the closing calls take, so that a restarted shard can calibrate again)."""
+        mb = self.work.micro_batch
+        refs = [self.actors[0].embed.remote(ids[s : s + mb].numpy()) for s in range(0, ids.shape[0], mb)]
+        inputs = []
+        for actor in self.actors:
+            inputs.append(refs)
+            refs = [actor.forward.remote(b, ref, True) for b, ref in enumerate(refs)]
+        return inputs
+
+    def prepare(self, ids: torch.Tensor) -> None:
+        """The automatic ratio's shared work on calibration windows ``ids``: each shard's scaled SVDs."""
+        self.prepared_inputs = self._dense_pass(ids)
+        self.fetch([actor.prepare.remote(*mine) for actor, mine in zip(self.actors, self.prepared_inputs)])
+
+    def stage_ratio(self, weights: Weights) -> list[int]:
+        """Stage the factors at the chosen ratio; returns the layers staged."""
+        parts = self._rebuilding(lambda: self.fetch([a.stage_ratio.remote(weights) for a in self.actors]))
+        self.prepared_inputs = []  # the search is over: let Ray free the calibration hidden states
+        return sorted(i for part in parts for i in part)
+
+    def drift_errors(self, ids: torch.Tensor, weights: Weights) -> dict[str, float]:
+        """Each planned linear's relative output error under the dense Grams of windows ``ids``, for the published
+        factors ``weights`` names; the shards score their own layers."""
+        inputs = self._dense_pass(ids)
+        parts = self.fetch([actor.drift.remote(weights, *mine) for actor, mine in zip(self.actors, inputs)])
+        return {name: e for part in parts for name, e in part.items()}
 
 
-def compress_sharded(folder: str, ids: torch.Tensor, work: Work, stage: LayerStage, workers: int,
+def compress_sharded(source: ModelSource, ids: torch.Tensor, work: Work, stage: LayerStage, workers: int,
                      options: ShardOptions | None = None) -> dict[str, Any]:
-    """Calibrate, decompose and stage every planned linear of the model in ``folder`` with ``workers`` shards
+    """Calibrate, decompose and stage every planned linear of the model at ``source`` with ``workers`` shards
     (``ShardGroup.compress``). Raises ConfigError when the cluster cannot place the shards, PipelineError when a
     shard fails for good, and a shard's own NestaError as itself."""
-    with ShardGroup(folder, work, stage, workers, options) as shards:
+    with ShardGroup(source, work, stage, workers, options) as shards:
         return shards.compress(ids)
 
 

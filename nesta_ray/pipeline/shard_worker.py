@@ -1,17 +1,17 @@
-"""A layer-shard worker: owns a contiguous range of decoder layers, gathers their input statistics, decomposes them
-and stages each finished layer. A plain class; the driver makes it a Ray actor (restartable: a restarted shard
-recomputes only the layers that are not staged). Where the weights live and how a layer runs on the device is the
-backend's business (``backends.py``); this class only orchestrates.
+"""A layer-shard worker: owns a contiguous range of decoder layers and does their part of every lifecycle step –
+calibration and decomposition, evaluation and generation, the automatic ratio's trials, drift scoring. A plain
+class; the driver makes it a Ray actor (restartable: a restarted shard recomputes only what is not staged, and
+every lifecycle call names the weights it needs, which a restarted shard installs again). Where the weights live
+and how a layer runs on the device is the backend's business (``backends.py``); which weights the layers compute
+with is ``shard_weights``'; this class only orchestrates.
 
 Hidden states arrive one micro-batch per call as numpy arrays (zero-copy through Ray's object store) with the
-layer keyword arguments the first shard captured. ``original`` mode is batch-major (``forward``: one micro-batch
-through every layer of the shard, so shards pipeline); ``propagate`` mode is layer-major (``calibrate``: a layer's
-Gram is complete before it is compressed and its outputs recomputed).
+layer keyword arguments the first shard captured. Calibration in ``original`` mode is batch-major (``forward``:
+one micro-batch through every layer, so shards pipeline); ``propagate`` mode is layer-major (``calibrate``).
 """
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -21,9 +21,14 @@ import numpy as np
 import torch
 
 from nesta_ray.checkpoint.stage import LayerStage
-from nesta_ray.method.decompose import Factors
+from nesta_ray.io.sources import ModelSource
+from nesta_ray.method.decompose import InputStats
 from nesta_ray.model.calibration import GramAccumulator, InputStatistics
-from nesta_ray.pipeline.backends import BackendSpec, open_backend, to_device
+from nesta_ray.ops.evaluation import nll_sums
+from nesta_ray.pipeline.backends import BackendSpec, ShardPart, open_backend, to_device
+from nesta_ray.pipeline.faults import Fault
+from nesta_ray.pipeline.ray_env import actor_restarted
+from nesta_ray.pipeline.shard_weights import DENSE, Weights, WeightsSwitch, staged
 from nesta_ray.pipeline.tasks import Work, decompose_task
 
 Batch = tuple[np.ndarray, dict[str, Any]]  # hidden states (b, t, d) and layer kwargs
@@ -31,37 +36,45 @@ Batch = tuple[np.ndarray, dict[str, Any]]  # hidden states (b, t, d) and layer k
 
 @dataclass(frozen=True)
 class ShardOptions:
-    """How layer shards run: the model dtype, the forward backend, and (tests only) a layer before whose staging a
-    shard's process exits once."""
+    """How layer shards run: the model dtype, the forward backend, and (tests only) a fault to inject."""
 
     dtype: str = "float32"
     backend: BackendSpec = field(default_factory=BackendSpec)
-    fail_at_layer: int | None = None
+    fault: Fault | None = None
 
 
 class LayerShard:
-    """Decoder layers ``layers`` of the model in ``folder`` doing their part of ``work`` (its plan restricted to
-    them), staging into ``stage``; the first shard also embeds the token ids.
+    """The decoder layers of ``part`` of the model at ``source`` doing their part of ``work`` (its plan restricted
+    to them), staging into ``stage`` (None for a shard that only scores: nothing is staged then).
 
     ``device`` overrides the compute device (default: the GPU this process sees, else the CPU).
-    ``options.fail_at_layer`` (fault injection for tests) makes the process exit once, just before staging that
-    layer.
     """
 
-    def __init__(self, folder: str, layers: list[int], work: Work, stage: LayerStage,
-                 options: ShardOptions = ShardOptions(), *, first: bool, device: str | None = None) -> None:
+    def __init__(self, source: ModelSource, part: ShardPart, work: Work, stage: LayerStage | None,
+                 options: ShardOptions | None = None, *, device: str | None = None) -> None:
         start = time.perf_counter()
+        options = options or ShardOptions()
         torch.set_num_threads(work.threads)
-        self.work, self.mode, self.layers, self.plan = work.subset(layers), work.mode, layers, work.plan.subset(layers)
-        self.stage, self.fail_at_layer = stage, options.fail_at_layer
-        self.backend = open_backend(options.backend, folder, layers, first=first, dtype=options.dtype,
+        self.work, self.layers, self.part = work.subset(part.layers), part.layers, part
+        self.plan, self.stage, self.fault = self.work.plan, stage, options.fault
+        self.backend = open_backend(options.backend, source, part, dtype=options.dtype,
                                     device=None if device is None else torch.device(device))
+        self.switch = WeightsSwitch(self.backend, self.plan, self.work.method)
         self.grams: dict[int, dict[str, GramAccumulator]] = {}  # layer -> group -> fp64 sums on the host
         self.seen = 0  # micro-batches accumulated in order by ``forward``
-        self.staged_at_start = self.stage.done()
-        self.seconds = {"load": time.perf_counter() - start, "calibration": 0.0, "decomposition": 0.0}
+        self.staged_at_start = self._staged()
+        self.restarted = actor_restarted()  # Ray brought this shard back after its process died
+        self.seconds = {"load": time.perf_counter() - start, "calibration": 0.0, "decomposition": 0.0,
+                        "evaluation": 0.0, "drift": 0.0}
         self.computed: list[int] = []
         self.task_seconds: list[float] = []  # per linear, as measured inside the decomposition
+
+    def _staged(self) -> set[int]:
+        return self.stage.done() if self.stage is not None else set()
+
+    def _fail(self, phase: str, layer: int) -> None:
+        if self.fault is not None:
+            self.fault.maybe_fail(phase, layer)
 
     def embed(self, ids: np.ndarray) -> Batch:
         """Token windows (b, L) of one micro-batch -> (hidden states entering layer 0, layer kwargs)."""
@@ -84,14 +97,19 @@ class LayerShard:
         hidden, kwargs = batch
         return torch.tensor(hidden, device=self.backend.device), to_device(kwargs, self.backend.device)
 
-    def forward(self, index: int, batch: Batch) -> Batch:
-        """Original mode: micro-batch ``index`` through every layer of the shard, adding to the Grams of layers
-        not staged yet; returns the last layer's outputs for the next shard. Micro-batches must come in order
+    def forward(self, index: int, batch: Batch, every_layer: bool = False) -> Batch:
+        """Original-mode calibration on the dense layers: micro-batch ``index`` through every layer of the shard,
+        adding to the Grams of layers not staged yet (``every_layer``: of every planned layer); returns the last
+        layer's outputs for the next shard. Micro-batch 0 starts a new pass; micro-batches must come in order
         0, 1, ...; one that does not (a restarted shard that lost earlier ones) passes through without statistics
-        and ``decompose`` calibrates again from all inputs."""
+        and the closing call calibrates again from all inputs."""
         start = time.perf_counter()
+        self.switch.ensure(DENSE)
+        if index == 0:
+            self.seen = 0
+            self.grams.clear()
         record = index == self.seen
-        wanted = self._wanted(self.staged_at_start) if record else {}
+        wanted = self._wanted(set() if every_layer else self.staged_at_start) if record else {}
         hidden, kwargs = self._on_device(batch)
         for i in self.layers:
             hidden = self._run(i, [(hidden, kwargs)], i in wanted)[0]
@@ -99,21 +117,24 @@ class LayerShard:
         self.seconds["calibration"] += time.perf_counter() - start
         return hidden.cpu().numpy(), batch[1]
 
-    def calibrate(self, *batches: Batch) -> Batch | tuple[Batch, ...]:
+    def calibrate(self, *batches: Batch, every_layer: bool = False) -> Batch | tuple[Batch, ...]:
         """Every micro-batch through the shard one layer at a time, gathering the statistics of layers not staged
-        yet. In ``propagate`` mode each layer is compressed (or its staged factors installed) before its outputs
-        are computed. Returns the shard's outputs, one per micro-batch (the value itself for one micro-batch, as
-        Ray's ``num_returns=1`` expects)."""
+        yet (``every_layer``: of every planned layer, nothing compressed). In ``propagate`` mode each layer is
+        compressed (or its staged factors installed) before its outputs are computed. Returns the shard's
+        outputs, one per micro-batch (the value itself for one micro-batch, as Ray's ``num_returns=1`` expects)."""
         start = time.perf_counter()
+        self.switch.ensure(DENSE)
         self.grams.clear()
         current = [self._on_device(b) for b in batches]
-        done = self.stage.done()
+        done = set() if every_layer else self._staged()
         wanted = self._wanted(done)
+        propagate = self.work.mode == "propagate" and self.stage is not None and not every_layer
         for i in self.layers:
-            if self.mode == "propagate" and i in done and self.plan.for_layer(i):
+            if propagate and i in done and self.plan.for_layer(i):
+                assert self.stage is not None
                 self.backend.install(i, self.stage.get(i))  # later layers must see this layer compressed
             outputs = self._run(i, current, i in wanted)
-            if self.mode == "propagate" and i in wanted:
+            if propagate and i in wanted:
                 self.seconds["calibration"] += time.perf_counter() - start
                 self._decompose_layer(i)
                 start = time.perf_counter()
@@ -124,40 +145,115 @@ class LayerShard:
         outs = tuple((h.cpu().numpy(), kw) for (h, _), (_, kw) in zip(current, batches))
         return outs[0] if len(outs) == 1 else outs
 
+    def _statistics(self, i: int) -> dict[str, InputStats]:
+        """Layer ``i``'s normalised statistics per input group; its fp64 sums are freed."""
+        return {group: acc.stats() for group, acc in self.grams.pop(i).items()}
+
     def _decompose_layer(self, i: int) -> None:
+        assert self.stage is not None
         start = time.perf_counter()
-        factors: dict[str, Factors] = {}
+        stats, factors = self._statistics(i), {}
         for group, plans in self.plan.for_layer(i).items():
-            stats = self.grams[i].pop(group).stats()  # (n, n), (n,) float64; the sums are freed
-            part = decompose_task(self.backend.weights(i, plans), plans, self.work.method, stats, self.work.threads)
+            part = decompose_task(self.backend.weights(i, plans), plans, self.work.method, stats[group],
+                                  self.work.threads)
             self.task_seconds += [f.seconds for f in part.values()]
             factors.update(part)
-        del self.grams[i]
-        if self.mode == "propagate":
-            self.backend.install(i, factors)
-        else:
-            self.backend.release(i)  # original mode: this shard will not run the layer again
-        if self.fail_at_layer == i and self.stage.mark(f"fault-injected-{i}"):
-            os._exit(1)  # simulate a worker dying mid-layer: nothing of this layer is staged
+        self.backend.install(i, factors)  # the layer now computes with its factors, kept for evaluation
+        self._fail("decompose", i)  # a worker dying mid-layer: nothing of this layer is staged
         self.stage.put(i, factors)
         self.computed.append(i)
         self.seconds["decomposition"] += time.perf_counter() - start
 
-    def decompose(self, *batches: Batch) -> dict[str, Any]:
-        """Decompose and stage every planned layer not staged yet. ``batches`` are this shard's inputs: a shard
-        that did not see all of them in order (a restarted one) calibrates again before decomposing. Returns the
-        layers computed here, the phase seconds and the peak memory."""
-        missing = [i for i in self.layers if self.plan.for_layer(i) and i not in self.stage.done()]
+    def _complete(self, batches: tuple[Batch, ...], missing: list[int], every_layer: bool = False) -> None:
+        """Calibrate again from all inputs when this shard did not see them all in order (it was restarted)."""
         if missing and (self.seen != len(batches) or any(i not in self.grams for i in missing)):
-            self.calibrate(*batches)
+            self.calibrate(*batches, every_layer=every_layer)
+
+    def decompose(self, *batches: Batch) -> dict[str, Any]:
+        """Decompose and stage every planned layer not staged yet (``batches``, this shard's inputs, serve a
+        restarted shard to calibrate again); the shard then computes with the stage's factors. Returns the
+        layers computed here, the phase seconds and the peak memory."""
+        assert self.stage is not None
+        missing = [i for i in self.layers if self.plan.for_layer(i) and i not in self.stage.done()]
+        self._complete(batches, missing)
         for i in missing:
             if i in self.grams:
                 self._decompose_layer(i)
+        for i in self.plan.layers():  # layers staged before (or in propagate mode) may still be dense here
+            if i not in self.backend.dense:
+                self.backend.install(i, self.stage.get(i))
+        self.switch.adopt(staged(self.stage))
+        return self.summary()
+
+    def prepare(self, *batches: Batch) -> dict[str, Any]:
+        """The automatic ratio: one scaled SVD per planned linear from the dense statistics that ``forward``
+        gathered (``batches`` serve a restarted shard to calibrate again). Returns the summary."""
+        start = time.perf_counter()
+        self._complete(batches, list(self._wanted(set())), every_layer=True)
+        self.switch.prepare({i: self._statistics(i) for i in list(self.grams)})
+        self.seconds["decomposition"] += time.perf_counter() - start
+        return self.summary()
+
+    def ensure_prepared(self, *batches: Batch) -> bool:
+        """Prepare again from ``batches`` (the inputs ``prepare`` had) when this shard lost its SVDs in a restart;
+        returns whether it had to."""
+        if self.switch.prepared:
+            return False
+        self.prepare(*batches)
+        return True
+
+    def stage_ratio(self, weights: Weights) -> list[int]:
+        """Stage the factors of the chosen ratio (``weights`` of kind "ratio") for the layers not staged yet;
+        returns those layers."""
+        assert self.stage is not None
+        todo = [i for i in self.plan.layers() if i not in self.stage.done()]
+        factors = self.switch.at_ratio(dict(weights.ranks))
+        for i in todo:
+            self.stage.put(i, factors[i])
+        return todo
+
+    def infer(self, batch: Batch, weights: Weights, targets: np.ndarray | None = None) -> Batch | np.ndarray:
+        """One micro-batch through the shard's layers computing with ``weights``: the outputs for the next shard;
+        on the last shard, the summed next-token NLL (b,) of windows ``targets`` (b, L), or without targets the
+        arg-max next token (b,) after each sequence."""
+        start = time.perf_counter()
+        self.switch.ensure(weights)
+        hidden, kwargs = self._on_device(batch)
+        with torch.no_grad():
+            for i in self.layers:
+                self._fail("auto_ratio" if weights.kind == "ratio" else "evaluate", i)
+                with self.backend.loaded(i):
+                    hidden = self.backend.run(i, hidden, kwargs)
+            out: Batch | np.ndarray = (hidden.cpu().numpy(), batch[1])
+            if self.part.last:
+                logits = self.backend.logits(hidden)  # (b, t, V)
+                out = (nll_sums(logits, torch.from_numpy(targets).to(logits.device)) if targets is not None
+                       else logits[:, -1].argmax(dim=-1)).cpu().numpy()
+        self.seconds["evaluation"] += time.perf_counter() - start
+        return out
+
+    def drift(self, weights: Weights, *batches: Batch) -> dict[str, float]:
+        """Relative output error tr(Δ·G·Δᵀ)/tr(W·G·Wᵀ) of each of the shard's linears under the Grams that
+        ``forward`` gathered on the dense layers (``batches`` serve a restarted shard to calibrate again), for
+        the factors of the run ``weights`` names."""
+        start = time.perf_counter()
+        self._complete(batches, list(self._wanted(set())), every_layer=True)
+        published = self.switch.run_factors(weights)
+        errors: dict[str, float] = {}
+        for i in self.plan.layers():
+            self._fail("drift", i)
+            errors.update(self.switch.errors(i, self._statistics(i), published[i]))
+        self.seconds["drift"] += time.perf_counter() - start
+        return errors
+
+    def summary(self) -> dict[str, Any]:
+        """The layers computed here, the phase seconds, the peak memory and the device."""
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
         device = self.backend.device
         return {"computed": list(self.computed), "seconds": dict(self.seconds), "peak_rss_bytes": peak_kib * 1024,
                 "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                "device": str(device), "decompose_seconds": sum(self.task_seconds)}
+                "device": str(device), "decompose_seconds": sum(self.task_seconds), "restarted": self.restarted,
+                "bytes_read": self.backend.store.bytes_read}
 
     def close(self) -> None:
         """Free the backend (DeepSpeed's engine); the actor is killed after."""

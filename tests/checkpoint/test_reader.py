@@ -7,16 +7,16 @@ import pytest
 import torch
 
 import nesta_ray
-from nesta_ray.checkpoint.layout import tied_aliases
 from nesta_ray.checkpoint.meta import RunMeta
 from nesta_ray.checkpoint.reader import export_dense, load_any
 from nesta_ray.checkpoint.runs import RunWriter
 from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.checkpoint.writer import write_meta, write_model_files, write_weights
 from nesta_ray.errors import CheckpointError
-from nesta_ray.io.sources import load_model
+from nesta_ray.io.sources import ModelSource, load_model
 from nesta_ray.method.decompose import Method
 from nesta_ray.model.arch import arch_for
+from nesta_ray.model.layers import tied_aliases
 from nesta_ray.model.lowrank import LowRankLinear
 from nesta_ray.pipeline.embedded import compress_layerwise
 from nesta_ray.pipeline.tasks import Work
@@ -41,7 +41,7 @@ def _write(model, staged, folder, root, run_id, storage_options=None, shard_byte
     """Commit a run the way the job's reducer does: tensors from the source and the stage, model files, nesta.json."""
     plan, stage = staged
     writer = RunWriter(root, run_id, storage_options)
-    records = write_weights(writer, folder, plan, stage, arch_for("llama"), model.config.num_hidden_layers,
+    records = write_weights(writer, ModelSource(folder, folder), plan, stage, arch_for("llama"), model.config.num_hidden_layers,
                             shard_bytes)
     write_model_files(writer, folder)
     write_meta(writer, RunMeta(run_id, "float32", METHOD, 0.25, records, tied_aliases(model)))

@@ -2,20 +2,21 @@
 
 import torch
 
-from nesta_ray.io.sources import load_model
+from nesta_ray.io.sources import ModelSource, load_model
 from nesta_ray.method.decompose import Method, decompose
 from nesta_ray.model.arch import arch_for
 from nesta_ray.model.calibration import layer_inputs
 from nesta_ray.model.layers import run_layer
 from nesta_ray.model.lowrank import LowRankLinear
-from nesta_ray.pipeline.backends import LayerwiseBackend
+from nesta_ray.pipeline.backends import LayerwiseBackend, ShardPart
 from nesta_ray.plan.linears import make_plan
 
 
 def test_a_shard_of_later_layers_runs_them_like_the_whole_model(tiny3_folder):
     model, _ = load_model(tiny3_folder)
     spec = arch_for("llama")
-    backend = LayerwiseBackend(tiny3_folder, [1, 2], first=False, dtype="float32", device=torch.device("cpu"))
+    backend = LayerwiseBackend(ModelSource(tiny3_folder, tiny3_folder), ShardPart([1, 2], first=False, last=True),
+                               dtype="float32", device=torch.device("cpu"))
     assert set(backend.layers) == {1, 2} and backend.resident
     for i in (1, 2):
         mine, theirs = backend.layer(i).state_dict(), model.model.layers[i].state_dict()

@@ -8,10 +8,10 @@ import torch
 from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.config.loading import validate
 from nesta_ray.errors import ConfigError
-from nesta_ray.io.sources import load_model
+from nesta_ray.io.sources import ModelSource, load_model
 from nesta_ray.method.decompose import Method
 from nesta_ray.model.arch import arch_for
-from nesta_ray.pipeline.backends import BackendSpec
+from nesta_ray.pipeline.backends import BackendSpec, ShardPart
 from nesta_ray.pipeline.embedded import compress_layerwise
 from nesta_ray.pipeline.shard_group import compress_sharded
 from nesta_ray.pipeline.shard_worker import LayerShard, ShardOptions
@@ -36,8 +36,9 @@ def _staged(stage: LayerStage, layers) -> dict:
 
 
 def _shards(folder, plan, tmp_path, mode):
-    return {name: LayerShard(folder, [0, 1, 2], Work(plan, ARGS, micro_batch=2, mode=mode),
-                             LayerStage(str(tmp_path / name), "fp"), ShardOptions(backend=spec), first=True)
+    return {name: LayerShard(ModelSource(folder, folder), ShardPart([0, 1, 2], first=True, last=True),
+                             Work(plan, ARGS, micro_batch=2, mode=mode), LayerStage(str(tmp_path / name), "fp"),
+                             ShardOptions(backend=spec))
             for name, spec in (("layerwise", BackendSpec()), ("deepspeed", DEEPSPEED))}
 
 
@@ -100,7 +101,7 @@ def test_two_deepspeed_shards_pipeline_to_the_embedded_factors(ray_local, tiny3_
     plan = _plan(model)
     embedded, _ = compress_layerwise(model, arch_for("llama"), _ids(), Work(plan, ARGS, micro_batch=2, mode="original"))
     stage = LayerStage(str(tmp_path / "ds"), "fp")
-    out = compress_sharded(tiny3_folder, _ids(), Work(plan, ARGS, micro_batch=2, mode="original"), stage, 2,
+    out = compress_sharded(ModelSource(tiny3_folder, tiny3_folder), _ids(), Work(plan, ARGS, micro_batch=2, mode="original"), stage, 2,
                            ShardOptions(backend=DEEPSPEED))
     assert out["computed"] == [0, 1, 2] and [a["device"] for a in out["actors"]] == ["cpu", "cpu"]
     sharded = _staged(stage, range(3))

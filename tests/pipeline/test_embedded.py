@@ -85,7 +85,7 @@ def test_factors_are_bit_identical_across_runs(ray_local):
 @pytest.mark.parametrize("mode", ["original", "propagate"])
 def test_embedded_one_and_two_shards_give_bit_identical_factors(ray_local, tiny3_folder, mode, tmp_path):
     from nesta_ray.checkpoint.stage import LayerStage
-    from nesta_ray.io.sources import load_model
+    from nesta_ray.io.sources import ModelSource, load_model
     from nesta_ray.pipeline.shard_group import compress_sharded
 
     model, _ = load_model(tiny3_folder)
@@ -94,7 +94,7 @@ def test_embedded_one_and_two_shards_give_bit_identical_factors(ray_local, tiny3
     embedded, _ = compress_layerwise(model, arch_for("llama"), ids, Work(plan, ARGS, micro_batch=2, mode=mode))
     for workers in (1, 2):
         stage = LayerStage(str(tmp_path / f"w{workers}"), "fp")
-        out = compress_sharded(tiny3_folder, ids, Work(plan, ARGS, micro_batch=2, mode=mode), stage, workers)
+        out = compress_sharded(ModelSource(tiny3_folder, tiny3_folder), ids, Work(plan, ARGS, micro_batch=2, mode=mode), stage, workers)
         assert out["computed"] == [0, 1, 2]
         sharded = {k: v for i in range(3) for k, v in stage.get(i).items()}
         assert set(sharded) == set(embedded)

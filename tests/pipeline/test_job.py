@@ -65,6 +65,20 @@ def test_llama70b_dry_run_plans_eight_actors_from_the_meta_device(capsys):
     out = capsys.readouterr().out
     assert "70,553,706,496 parameters" in out and "560 linears in 80 layers" in out
     assert "| 7 | 70-79 |" in out and "fits: every actor" in out
+    for phase in ("load weights", "evaluate dense", "calibrate + decompose", "evaluate compressed",
+                  "generation + gate cases", "write checkpoint", "total"):
+        assert f"| {phase} |" in out, phase
+
+
+def test_llama70b_night_dry_run_costs_a_skip_and_a_recompress_night(capsys):
+    from nesta_ray.nightly import main as nightly_main
+
+    assert nightly_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    skip, recompress = out.split("a night that skips:")[1].split("a night that recompresses:")
+    assert "| score drift |" in skip and "| calibrate + decompose |" not in skip
+    assert recompress.count("| score drift |") == 1 and "| held-out baseline of the new run |" in recompress
+    assert "| write checkpoint |" in recompress and "on 8 layer shards" in out
 
 
 def test_a_job_that_cannot_fit_is_refused_before_any_work(capsys):
@@ -161,3 +175,77 @@ def test_skipped_json_lines_of_the_calibration_text_are_reported(ray_local, tiny
     report = run_job(validate(raw))
     assert report["skipped_records"] == {str(calibration): {"invalid json": 2, "no 'text' field": 1}}
     assert "## Records skipped while reading text" in (Path(report["run_uri"]) / "report.md").read_text()
+
+
+def test_shards_read_only_their_own_tensors_of_a_model_on_s3(ray_local, smollm_folder, s3_server, tmp_path,
+                                                              monkeypatch):
+    """A sharded source on moto's S3: each shard fetches the safetensors headers and the byte ranges of its own
+    tensors (never a copy of the model), the cache holds no weights, and the factors equal a local source's."""
+    import fsspec
+
+    from nesta_ray.io.weights import WeightStore
+
+    from tiny import save_llama70b_twin
+
+    monkeypatch.setenv("NESTA_RAY_CACHE", str(tmp_path / "cache"))
+    local = save_llama70b_twin(tmp_path / "twin", smollm_folder, layers=8)
+    s3_server.make_bucket("ranged")
+    fsspec.filesystem("s3", **s3_server.storage_options).put(local + "/", "ranged/twin/", recursive=True)
+
+    def cfg(source, out, opts=None):
+        return validate({
+            "model": {"source": source, "storage_options": opts or {}}, "method": {"name": "nsvd1", "ratio": 0.3},
+            "calibration": {"path": CORPUS, "seq_len": 32, "num_windows": 100, "num_sequences": 4, "micro_batch": 2},
+            "evaluation": {"seq_len": 32, "sets": [{"name": "held", "path": CORPUS, "first_window": 100,
+                                                    "num_windows": 2}]},
+            "output": {"uri": str(out)}, "runtime": {"workers": 2, "progress": False},
+        })
+
+    remote = run_job(cfg("s3://ranged/twin", tmp_path / "a", s3_server.storage_options))
+    store = WeightStore(local)
+    headers = sum(8 + len(h) for h in store.headers.values()) + (Path(local) / "model.safetensors.index.json").stat().st_size
+    total = sum(e.nbytes for e in store.entries.values())
+    for k, shard in enumerate(remote["shards"]):
+        prefixes = [f"model.layers.{i}." for i in shard["layers"]]
+        prefixes += ["model.embed_tokens."] if k == 0 else ["model.norm.", "lm_head."]
+        own = sum(e.nbytes for key, e in store.entries.items() if key.startswith(tuple(prefixes)))
+        assert own <= shard["bytes_read"] <= own + headers, (k, shard["bytes_read"], own)
+        assert shard["bytes_read"] < 0.7 * total  # its half of the model, not the model
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nothing copied whole into the cache
+    copy = run_job(cfg(local, tmp_path / "b"))
+    a, b = _tensors(remote), _tensors(copy)
+    assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
+    assert remote["perplexity"] == copy["perplexity"]
+
+
+@pytest.mark.slow
+def test_smollm2_on_two_shards_prints_the_embedded_before_after_table(ray_local, smollm_folder, tmp_path):
+    """The real SmolLM2-135M: 2 layer shards give the embedded job's before/after table, generation and gate."""
+    from nesta_ray.report.markdown import before_after_table
+
+    from paths import CORPORA
+
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(json.dumps({"name": "paris", "prompt": "The capital of France is", "expect": "Paris"}) + "\n")
+
+    def cfg(workers):
+        return validate({
+            "model": {"source": smollm_folder}, "method": {"name": "nsvd1", "ratio": 0.1},
+            "calibration": {"path": CORPUS, "seq_len": 128, "num_windows": 200, "num_sequences": 8,
+                            "micro_batch": 4},
+            "evaluation": {"seq_len": 128, "batch_size": 2, "prompt": "The capital of France is", "sets": [
+                {"name": "c4_heldout", "path": CORPUS, "first_window": 200, "num_windows": 3},
+                {"name": "en_wikipedia", "path": str(CORPORA / "en_wikipedia.txt"), "num_windows": 3}]},
+            "gate": {"max_increase": {"c4_heldout": 5.0}, "cases": str(cases), "max_new_tokens": 4},
+            "output": {"uri": str(tmp_path / f"out{workers}")}, "runtime": {"workers": workers, "progress": False},
+        })
+
+    embedded, sharded = run_job(cfg(0)), run_job(cfg(2))
+    assert before_after_table(sharded["perplexity"]) == before_after_table(embedded["perplexity"])
+    for name, entry in embedded["perplexity"].items():
+        for kind in ("dense", "compressed"):
+            assert sharded["perplexity"][name][kind]["perplexity"] == pytest.approx(entry[kind]["perplexity"],
+                                                                                   rel=1e-6), (name, kind)
+    assert sharded["generation"] == embedded["generation"] and sharded["gate_summary"] == embedded["gate_summary"]
+    assert [s["layers"] for s in sharded["shards"]] == [list(range(15)), list(range(15, 30))]
+    print(before_after_table(sharded["perplexity"]))

@@ -15,7 +15,7 @@ from nesta_ray.method.drift import layer_scores, relative_error
 from nesta_ray.nightly import main as nightly_main
 from nesta_ray.pipeline.nightly import run_night
 
-from paths import CORPORA
+from logs import upload_day
 
 
 def test_relative_error_and_layer_scores():
@@ -31,23 +31,6 @@ def test_relative_error_and_layer_scores():
     assert scores[0] == pytest.approx(math.sqrt(2 * 4) - 1) and scores[1] == pytest.approx(0.0)
     with pytest.raises(NumericalError, match="b: exact at compression time"):
         layer_scores({"b": 0.0}, {"b": 0.1}, {"b": 0})
-
-
-def _upload_day(s3, opts, name: str, corpus: str, start: int, chars: int = 60_000) -> None:
-    """One day of request logs (the corpus' paragraphs in the three request shapes) written to s3://logs/prod/."""
-    import s3fs
-
-    text = (CORPORA / corpus).read_text()[start : start + chars]
-    paragraphs = [p.strip() for p in text.split("\n") if len(p.strip()) > 40]
-    lines = []
-    for i, para in enumerate(paragraphs):
-        shape = i % 3
-        rec = ({"text": para} if shape == 0 else {"prompt": para[: len(para) // 2],
-                                                  "completion": para[len(para) // 2 :]}
-               if shape == 1 else {"messages": [{"role": "user", "content": para}]})
-        lines.append(json.dumps(rec, ensure_ascii=False))
-    lines.append("{not json")  # a malformed line is counted, not fatal
-    s3fs.S3FileSystem(**opts).pipe(f"logs/prod/{name}.jsonl", ("\n".join(lines) + "\n").encode())
 
 
 def _cfg(folder, out, opts, **extra):
@@ -70,24 +53,24 @@ def test_nights_over_request_logs_on_s3(ray_local, smol4_folder, s3_server, tmp_
     s3_server.make_bucket("logs")
     opts = s3_server.storage_options
 
-    _upload_day(s3_server, opts, "day1", "en_web_c4_owt.txt", 0)
+    upload_day(opts, "logs/prod", "day1", "en_web_c4_owt.txt", 0)
     first = run_night(validate(_cfg(smol4_folder, out, opts)))
     assert first["decision"] == "recompress" and first["published"] and first["reason"] == "no published run yet"
 
-    _upload_day(s3_server, opts, "day2", "en_web_c4_owt.txt", 300_000)
+    upload_day(opts, "logs/prod", "day2", "en_web_c4_owt.txt", 300_000)
     second = run_night(validate(_cfg(smol4_folder, out, opts)))  # reads only day2: since = the first night
     assert second["decision"] == "skip", second
     assert second["drift"]["max"] <= 0.5 and len(second["drift"]["layers"]) == 4
     assert second["baseline_source"].startswith("held-out windows") and first["baseline"]["tokens"] == 32 * 64
 
-    _upload_day(s3_server, opts, "day3", "ja_manpages.txt", 0)
+    upload_day(opts, "logs/prod", "day3", "ja_manpages.txt", 0)
     third = run_night(validate(_cfg(smol4_folder, out, opts)))
     assert third["decision"] == "recompress" and third["drift"]["max"] > 0.5 and third["published"]
     assert read_bytes(f"{out}/latest", opts).decode().strip() == third["run_id"]
     report = json.loads(read_bytes(f"{out}/runs/{third['run_id']}/report.json", opts))
     assert report["log_selection"]["languages_after"].get("ja") and sum(report["log_selection"]["malformed"].values()) == 1
 
-    _upload_day(s3_server, opts, "day4", "en_wikipedia.txt", 0)
+    upload_day(opts, "logs/prod", "day4", "en_wikipedia.txt", 0)
     cases = tmp_path / "cases.jsonl"
     cases.write_text(json.dumps({"name": "never", "prompt": "The", "expect": "§never§"}) + "\n")
     config = tmp_path / "night4.yaml"
