@@ -3,6 +3,7 @@ publish nothing when the gate fails; drift scores and run pruning."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from nesta_ray.method.drift import layer_scores, relative_error
 from nesta_ray.nightly import main as nightly_main
 from nesta_ray.pipeline.nightly import run_night
 
-from paths import CORPORA
+from paths import corpus
 
 
 def test_relative_error_and_layer_scores():
@@ -33,11 +34,11 @@ def test_relative_error_and_layer_scores():
         layer_scores({"b": 0.0}, {"b": 0.1}, {"b": 0})
 
 
-def _upload_day(s3, opts, name: str, corpus: str, start: int, chars: int = 60_000) -> None:
-    """One day of request logs (the corpus' paragraphs in the three request shapes) written to s3://logs/prod/."""
+def _upload_day(s3, opts, name: str, path: str, start: int, chars: int = 60_000) -> None:
+    """One day of request logs (a corpus file's paragraphs in the three request shapes) written to s3://logs/prod/."""
     import s3fs
 
-    text = (CORPORA / corpus).read_text()[start : start + chars]
+    text = Path(path).read_text(encoding="utf-8")[start : start + chars]
     paragraphs = [p.strip() for p in text.split("\n") if len(p.strip()) > 40]
     lines = []
     for i, para in enumerate(paragraphs):
@@ -69,25 +70,26 @@ def test_nights_over_request_logs_on_s3(ray_local, smol4_folder, s3_server, tmp_
     out = s3_server.make_bucket("nightly-out") + "/smol"
     s3_server.make_bucket("logs")
     opts = s3_server.storage_options
+    c4, ja, wiki = corpus("en_web_c4_owt"), corpus("ja_manpages"), corpus("en_wikipedia")  # skips here if missing
 
-    _upload_day(s3_server, opts, "day1", "en_web_c4_owt.txt", 0)
+    _upload_day(s3_server, opts, "day1", c4, 0)
     first = run_night(validate(_cfg(smol4_folder, out, opts)))
     assert first["decision"] == "recompress" and first["published"] and first["reason"] == "no published run yet"
 
-    _upload_day(s3_server, opts, "day2", "en_web_c4_owt.txt", 300_000)
+    _upload_day(s3_server, opts, "day2", c4, 300_000)
     second = run_night(validate(_cfg(smol4_folder, out, opts)))  # reads only day2: since = the first night
     assert second["decision"] == "skip", second
     assert second["drift"]["max"] <= 0.5 and len(second["drift"]["layers"]) == 4
     assert second["baseline_source"].startswith("held-out windows") and first["baseline"]["tokens"] == 32 * 64
 
-    _upload_day(s3_server, opts, "day3", "ja_manpages.txt", 0)
+    _upload_day(s3_server, opts, "day3", ja, 0)
     third = run_night(validate(_cfg(smol4_folder, out, opts)))
     assert third["decision"] == "recompress" and third["drift"]["max"] > 0.5 and third["published"]
     assert read_bytes(f"{out}/latest", opts).decode().strip() == third["run_id"]
     report = json.loads(read_bytes(f"{out}/runs/{third['run_id']}/report.json", opts))
     assert report["log_selection"]["languages_after"].get("ja") and sum(report["log_selection"]["malformed"].values()) == 1
 
-    _upload_day(s3_server, opts, "day4", "en_wikipedia.txt", 0)
+    _upload_day(s3_server, opts, "day4", wiki, 0)
     cases = tmp_path / "cases.jsonl"
     cases.write_text(json.dumps({"name": "never", "prompt": "The", "expect": "§never§"}) + "\n")
     config = tmp_path / "night4.yaml"
