@@ -3,7 +3,8 @@
 ``corpus(name)`` is the one place tests get text from: ``../shared/corpora/<name>.txt`` beside the checkout when
 it is there (our machines and CI), else the same bytes from the registry text of that name
 (``nesta_ray.data.corpora``: fetched and extracted once into the nesta_ray cache). A text that can be had neither
-way skips the test that asked for it, saying why. ``C4`` (the en_web_c4_owt file) is resolved on first import.
+way skips the test that asked for it, saying why. ``C4`` (the en_web_c4_owt file) is resolved when a test module
+imports it.
 """
 
 from pathlib import Path
