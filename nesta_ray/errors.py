@@ -25,6 +25,10 @@ class CheckpointError(NestaError):
     """A checkpoint is incomplete, fails its manifest checks, or cannot be written."""
 
 
+class PackageError(NestaError):
+    """A registry package cannot be fetched (offline, unknown version, missing client) or fails its pinned sha256."""
+
+
 class StorageError(NestaError):
     """Object storage is unreachable, refuses the credentials, or the bucket does not exist."""
 

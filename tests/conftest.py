@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: ``s3_server``, one moto S3 server on 127.0.0.1 for the whole session."""
+"""Shared pytest fixtures: ``s3_server``, one moto S3 server on 127.0.0.1 for the whole session; ``offline_pip``,
+a pip that reaches no registry."""
 
 from __future__ import annotations
 
@@ -45,6 +46,20 @@ def s3_server():
                                       "client_kwargs": {"endpoint_url": endpoint}})
         finally:
             server.stop()
+
+
+@pytest.fixture
+def offline_pip(monkeypatch):
+    """A call that takes pip offline for the rest of the test: it then sees only a closed port on 127.0.0.1, no
+    configured mirror or local wheel folder, and retries once (pip reports a refused connection only when it
+    retries). Subprocesses inherit it."""
+
+    def go_offline() -> None:
+        for key, value in {"PIP_CONFIG_FILE": "/dev/null", "PIP_INDEX_URL": "https://127.0.0.1:9/simple",
+                           "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "", "PIP_RETRIES": "1"}.items():
+            monkeypatch.setenv(key, value)
+
+    return go_offline
 
 
 @pytest.fixture(scope="session")

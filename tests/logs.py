@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from paths import CORPORA
+from paths import corpus
 
 
-def upload_day(opts: dict, prefix: str, name: str, corpus: str, start: int, chars: int = 60_000) -> None:
-    """One day of request logs (the corpus' paragraphs in the three request shapes, plus one malformed line)
+def upload_day(opts: dict, prefix: str, name: str, name_of_text: str, start: int,
+               chars: int = 60_000) -> None:
+    """One day of request logs (the paragraphs of the text ``name_of_text``, e.g. "ja_manpages" in the three request shapes, plus one malformed line)
     written to ``s3://<prefix>/<name>.jsonl``."""
     import s3fs
 
-    text = (CORPORA / corpus).read_text()[start : start + chars]
+    text = Path(corpus(name_of_text)).read_text(encoding="utf-8")[start : start + chars]
     paragraphs = [p.strip() for p in text.split("\n") if len(p.strip()) > 40]
     lines = []
     for i, para in enumerate(paragraphs):

@@ -13,7 +13,7 @@ from nesta_ray.checkpoint.reader import load_any
 from nesta_ray.data.text import pick_windows, read_text, token_windows
 from nesta_ray.ops.evaluation import perplexity
 
-from paths import CORPORA, REPO
+from paths import REPO, corpus
 
 CONFIG = str(REPO / "configs" / "smollm2-135m.yaml")
 # Quick settings: 8 calibration windows, 10% removed, 2 evaluation windows per set.
@@ -49,6 +49,9 @@ def test_cli_prints_the_before_after_table_and_writes_a_complete_run(job):
         assert (run / name).is_file(), name
     report = json.loads((run / "report.json").read_text())
     assert len(report["modules"]) == 210 and report["method"]["name"] == "nsvd1"
+    assert sorted(report["text_sources"]) == ["pypi:evals==3.0.1.post1/en_web_c4_owt",
+                                              "pypi:evals==3.0.1.post1/en_wikipedia"]
+    assert "## Text from registry packages" in (run / "report.md").read_text()
     assert 0.095 < 1 - report["parameters"]["linears_after"] / report["parameters"]["linears_before"] < 0.11
     for r in report["perplexity"].values():
         assert r["compressed"]["nonfinite_windows"] == 0
@@ -65,7 +68,7 @@ def test_checkpoint_loads_generates_and_keeps_perplexity_within_the_stated_facto
     with torch.no_grad():
         gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     assert gen.shape[1] == ids.shape[1] + 8 and tok.decode(gen[0, ids.shape[1]:]).strip()
-    windows = token_windows(tok, read_text(str(CORPORA / "en_wikipedia.txt")).text, 256)
+    windows = token_windows(tok, read_text(corpus("en_wikipedia")).text, 256)
     wiki = pick_windows(windows, 0, None, 2, 0, "first")
     compressed = perplexity(model, wiki)
     dense = perplexity(load_any(smollm_folder)[0], wiki)

@@ -17,7 +17,8 @@ ORDER = [
     # configuration and the plan
     "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.timing",
     # model and data I/O
-    "io.storage", "io.weights", "io.sources", "data.text", "data.selection", "data.requestlogs", "data.windows",
+    "io.storage", "io.weights", "io.sources", "io.packages", "data.corpora", "data.text", "data.selection",
+    "data.requestlogs", "data.windows",
     # the checkpoint
     "checkpoint.layout", "checkpoint.runs", "checkpoint.meta", "checkpoint.stage", "checkpoint.writer",
     "checkpoint.reader",

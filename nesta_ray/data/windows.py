@@ -1,7 +1,8 @@
 """The token windows a job's config selects: calibration, evaluation sets and held-out drift baselines.
 
 Text is read and tokenised once per (source, seq_len) by a ``TextCache``, which also keeps what its sources
-skipped (malformed JSON-lines records) and what a request-log selection picked, for the run report.
+skipped (malformed JSON-lines records), where registry texts came from (packages, licence, NOTICE) and what a
+request-log selection picked, for the run report.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class TextCache:
         self.tokenizer = tokenizer
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
         self.skipped: dict[str, dict[str, int]] = {}  # source -> reason -> records skipped while reading it
+        self.sources: dict[str, dict[str, Any]] = {}  # registry text -> its packages, sha256, licence, NOTICE
         self.log_selection: dict[str, Any] | None = None  # what calibration_ids picked from request logs
 
     def windows(self, src: TextSource, seq_len: int) -> torch.Tensor:
@@ -32,14 +34,19 @@ class TextCache:
                     else read_dataset(str(src.dataset), src.split, src.text_field, src.subset))
             if text.skipped:
                 self.skipped[src.key()] = text.skipped
+            if text.source:
+                self.sources[src.key()] = text.source
             self._cache[key] = token_windows(self.tokenizer, text.text, seq_len)
         return self._cache[key]
 
     def report(self) -> dict[str, Any]:
-        """What the run report says about the text read: skipped records per source and the log selection."""
+        """What the run report says about the text read: skipped records per source, where registry texts came
+        from, and the log selection."""
         out: dict[str, Any] = {}
         if self.skipped:
             out["skipped_records"] = self.skipped
+        if self.sources:
+            out["text_sources"] = self.sources
         if self.log_selection is not None:
             out["log_selection"] = self.log_selection
         return out

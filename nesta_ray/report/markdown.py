@@ -117,6 +117,11 @@ def run_markdown(report: dict) -> str:
                   table(["source", "reason", "records"], [[src, reason, n] for src, counts in
                                                           report["skipped_records"].items()
                                                           for reason, n in counts.items()])]
+    if report.get("text_sources"):
+        parts += ["## Text from registry packages",
+                  table(["source", "packages", "licence", "notice"],
+                        [[src, "; ".join(s["packages"]), s["licence"], s["notice"]]
+                         for src, s in report["text_sources"].items()])]
     if report.get("generation"):
         g = report["generation"]
         parts += ["## Greedy sample", f"prompt: `{g['prompt']}`", f"compressed: `{g['compressed']}`"]

