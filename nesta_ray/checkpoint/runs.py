@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-from nesta_ray.checkpoint.layout import FORMAT_VERSION, INDEX, LATEST, MANIFEST, RUNS, SUCCESS
+from nesta_ray.checkpoint.layout import FORMAT_VERSION, INDEX, LATEST, MANIFEST, READABLE_VERSIONS, RUNS, SUCCESS
 from nesta_ray.errors import CheckpointError
 from nesta_ray.io.storage import (
     fs_kind,
@@ -165,8 +165,9 @@ def resolve_run(uri: str, storage_options: dict | None = None) -> str:
 
 
 def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashes: bool = True) -> dict:
-    """Check a run's _SUCCESS, manifest format_version, and each file's presence, size and (``check_hashes``)
-    sha256. Returns the manifest dict. Raises CheckpointError naming the file and the problem; StorageError."""
+    """Check a run's _SUCCESS, manifest format_version (any readable one), and each file's presence, size and
+    (``check_hashes``) sha256. Returns the manifest dict. Raises CheckpointError naming the file and the problem;
+    StorageError."""
     run_uri = normalise(run_uri)
     fs, path = url_to_fs(run_uri, storage_options)
     man_uri = join(run_uri, MANIFEST)
@@ -177,9 +178,9 @@ def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashe
         manifest = read_json(man_uri, storage_options)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise CheckpointError(f"{man_uri} is malformed: expected an object with 'files'")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{man_uri} has format_version {manifest.get('format_version')!r}; "
-                                  f"this nesta_ray reads {FORMAT_VERSION}")
+        if manifest.get("format_version") not in READABLE_VERSIONS:
+            raise CheckpointError(f"{man_uri} has format_version {manifest.get('format_version')!r}; this "
+                                  f"nesta_ray reads {', '.join(map(str, READABLE_VERSIONS))}: upgrade nesta_ray")
         for rel, ent in sorted(manifest["files"].items()):
             fpath, furi = join(path, _check_name(rel)), join(run_uri, rel)
             if not isinstance(ent, dict) or not {"sha256", "size"} <= ent.keys():

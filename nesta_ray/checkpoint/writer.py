@@ -1,5 +1,6 @@
 """Writing a run's files: the weight shards assembled from the source's safetensors and the stage (the reducer),
-the source's model files, ``nesta.json`` and the dense export.
+the Hugging Face files (the low-rank config.json, the modeling files, the source's tokenizer), ``nesta.json`` and
+the dense export.
 
 One decoder layer is in memory at a time (plus the shard being filled): the source's tensors of that layer minus
 the weights of its planned linears, plus their staged factors. Shard sizes are known before anything is read
@@ -13,13 +14,26 @@ import copy
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from nesta_ray.checkpoint.layout import DENSE, FACTOR_DTYPE, NESTA_JSON, factor_tensors, shard_name, weight_key
+from nesta_ray import model as model_package
+from nesta_ray.checkpoint.layout import (
+    CODE_FILES,
+    CONFIG,
+    DENSE,
+    FACTOR_DTYPE,
+    NESTA_JSON,
+    factor_tensors,
+    lowrank_config,
+    shard_name,
+    weight_key,
+)
 from nesta_ray.checkpoint.meta import LinearRecord, RunMeta
 from nesta_ray.checkpoint.runs import RunWriter
 from nesta_ray.checkpoint.stage import LayerStage
@@ -27,7 +41,7 @@ from nesta_ray.errors import CheckpointError
 from nesta_ray.io.sources import model_files, read_tensors, weight_files
 from nesta_ray.method.decompose import Factors
 from nesta_ray.model.arch import ArchSpec
-from nesta_ray.model.lowrank import dense_copy
+from nesta_ray.model.lowrank_linear import multiply_out
 from nesta_ray.plan.linears import Plan
 
 
@@ -120,10 +134,26 @@ def write_weights(writer: RunWriter, folder: str, plan: Plan, stage: LayerStage,
     return records
 
 
-def write_model_files(writer: RunWriter, folder: str) -> None:
-    """Copy the source's non-weight files (config, tokenizer) into the run."""
+def write_model_files(writer: RunWriter, folder: str, ranks: Mapping[str, int], dtype: str) -> None:
+    """The run's Hugging Face files: config.json (``layout.lowrank_config`` around the source's config.json, with
+    the ``ranks`` of the compressed linears and the model's ``dtype``), the modeling files (verbatim copies from
+    nesta_ray/model/) and the source's other non-weight files (tokenizer, generation config). Raises
+    CheckpointError for a source config.json that cannot be read."""
+    source: dict[str, Any] | None = None
     for path in model_files(folder):
-        writer.put_file(os.path.basename(path), path)
+        if os.path.basename(path) == CONFIG:
+            try:
+                source = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"cannot read the source's {path} ({err})") from None
+        else:
+            writer.put_file(os.path.basename(path), path)
+    if not isinstance(source, dict):
+        raise CheckpointError(f"{folder} holds no {CONFIG} object: not a Hugging Face model folder")
+    writer.put_json(CONFIG, lowrank_config(source, ranks, dtype))
+    code = Path(next(iter(model_package.__path__)))
+    for name in CODE_FILES:
+        writer.put_file(name, str(code / name))
 
 
 def write_meta(writer: RunWriter, meta: RunMeta) -> None:
@@ -135,7 +165,7 @@ def write_dense(writer: RunWriter, model: nn.Module, tokenizer: Any) -> None:
     """Write ``model`` with its LowRankLinears multiplied out (a copy; ``model`` is unchanged) and the tokenizer as a
     plain Hugging Face folder under ``dense/``."""
     with tempfile.TemporaryDirectory() as tmp:
-        dense: Any = dense_copy(copy.deepcopy(model))
+        dense: Any = multiply_out(copy.deepcopy(model))
         dense.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name in sorted(os.listdir(tmp)):

@@ -28,7 +28,8 @@ from nesta_ray.data.windows import TextCache, calibration_ids, evaluation_ids
 from nesta_ray.io.sources import fingerprint_model, load_model, resolve_model
 from nesta_ray.io.storage import check_storage
 from nesta_ray.model.arch import ArchSpec, arch_for
-from nesta_ray.model.lowrank import LowRankLinear, install_factors
+from nesta_ray.model.lowrank import install_factors
+from nesta_ray.model.lowrank_linear import LowRankLinear
 from nesta_ray.ops.evaluation import generate, perplexity
 from nesta_ray.ops.gate import Case, check_gate, read_cases, run_cases
 from nesta_ray.ops.metrics import JobMetrics
@@ -284,7 +285,7 @@ def _write_run(ctx: JobContext, plan: Plan, stage: LayerStage, t_start: float) -
     writer = RunWriter(cfg.output.uri, report["run_id"], cfg.output.storage_options)
     records = write_weights(writer, ctx.source.folder, plan, stage, ctx.source.spec,
                             ctx.source.hf_config.num_hidden_layers, cfg.output.shard_bytes)
-    write_model_files(writer, ctx.source.folder)
+    write_model_files(writer, ctx.source.folder, {name: r.rank for name, r in records.items()}, cfg.model.dtype)
     report.update(_summary(ctx, plan, records))
     _layer_metrics(ctx, plan, records)
     write_meta(writer, _meta(ctx, records))

@@ -28,7 +28,7 @@ from nesta_ray.method.drift import layer_scores, relative_error
 from nesta_ray.model.arch import arch_for
 from nesta_ray.model.calibration import collect_statistics
 from nesta_ray.model.layers import config_of, weight_of
-from nesta_ray.model.lowrank import LowRankLinear
+from nesta_ray.model.lowrank_linear import LowRankLinear
 from nesta_ray.ops.metrics import JobMetrics
 from nesta_ray.pipeline.job import run_job
 from nesta_ray.pipeline.ray_env import ensure_ray
