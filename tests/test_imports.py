@@ -24,12 +24,13 @@ ORDER = [
     "checkpoint.reader",
     # reports and operations on a model
     "report.markdown", "report.plots", "report.html", "ops.evaluation", "ops.gate", "ops.ratio_search", "ops.metrics",
+    "ops.lmeval",
     # the pipeline
     "pipeline.ray_env", "pipeline.tasks", "pipeline.embedded", "pipeline.backends", "pipeline.shard_worker",
     "pipeline.shard_group", "pipeline.autoratio", "pipeline.progress", "pipeline.job", "pipeline.dry_run",
     "pipeline.nightly",
     # entry points
-    "compress", "evaluate", "nightly",
+    "compress", "evaluate", "nightly", "lmeval",
 ]
 PACKAGES = {"method", "model", "config", "plan", "io", "data", "checkpoint", "report", "ops", "pipeline"}
 # Third-party packages allowed only in these modules.
@@ -38,7 +39,8 @@ BOUNDARIES = {"ray": {"ops.metrics", "pipeline.ray_env", "pipeline.embedded", "p
               # the Hugging Face classes of a compressed model, their registration, and where models are loaded
               "transformers": {"model.modeling_nesta_lowrank", "model.registration", "io.sources",
                                "checkpoint.reader", "pipeline.backends", "pipeline.job", "pipeline.dry_run"},
-              "deepspeed": {"pipeline.backends"}}
+              "deepspeed": {"pipeline.backends"},
+              "lm_eval": {"ops.lmeval", "lmeval"}}
 PURE = {m for m in ORDER if m.startswith("method.")}  # stdlib + torch (+ numpy for transport) + errors only
 PURE_ALLOWED = {"__future__", "math", "dataclasses", "typing", "collections", "torch", "numpy", "nesta_ray"}
 
