@@ -65,7 +65,7 @@ def _assemble(folder: str, meta: RunMeta, uri: str) -> nn.Module:
     v1 = {"config": _v1_config(folder, meta), "variant": None} if meta.format_version == 1 else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, meta.dtype), **v1)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # missing files, wrong tensors, wrong shapes
         raise CheckpointError(one_line(f"{uri}: {err}")) from None
     model.eval()
     return model
