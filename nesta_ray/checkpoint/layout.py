@@ -40,7 +40,6 @@ NESTA_JSON, MANIFEST, SUCCESS, LATEST = "nesta.json", "manifest.json", "_SUCCESS
 CONFIG = "config.json"
 WEIGHTS_VARIANT = "nesta_lowrank"  # = modeling_nesta_lowrank.WEIGHTS_VARIANT
 INDEX = f"model.safetensors.index.{WEIGHTS_VARIANT}.json"
-INDEX_V1 = "model.safetensors.index.json"
 MODEL_TYPE = "nesta_lowrank"  # = modeling_nesta_lowrank.MODEL_TYPE
 MODELING_FILE, LOWRANK_FILE = "modeling_nesta_lowrank.py", "lowrank_linear.py"
 CODE_FILES = (MODELING_FILE, LOWRANK_FILE)  # copied verbatim from nesta_ray/model/
@@ -51,11 +50,6 @@ REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
 RUNS, STAGING, DENSE = "runs", "staging", "dense"
 FACTOR_DTYPE = torch.float32  # factors are stored in float32 whatever the model's dtype
 _STAGED = ("layer-", ".safetensors")
-
-
-def index_name(version: int) -> str:
-    """The tensor index's file name in a run of format ``version``."""
-    return INDEX_V1 if version == 1 else INDEX
 
 
 def lowrank_config(source: Mapping[str, Any], ranks: Mapping[str, int], dtype: str) -> dict[str, Any]:

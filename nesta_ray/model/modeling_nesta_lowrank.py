@@ -51,7 +51,7 @@ class NestaLowRankForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = NestaLowRankConfig
     base: Any  # the source architecture's causal LM, kept outside the module tree (its children are ours)
     base_model_prefix = ""  # tensor names are the base model's own: nothing to add or strip
-    _supports_sdpa = True  # the forward is the base model's: attention is whatever it supports
+    _supports_sdpa = True  # the forward is the base model's; every family nesta_ray compresses supports these
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
