@@ -1,9 +1,17 @@
-"""nesta_ray: distributed post-training low-rank compression of causal LMs by nested activation-aware SVD."""
+"""nesta_ray: distributed post-training low-rank compression of causal LMs by nested activation-aware SVD.
+
+Importing it registers the low-rank checkpoint classes with transformers' Auto classes (as soon as transformers is
+imported; see ``nesta_ray.model.registration``), so ``AutoModelForCausalLM.from_pretrained(run)`` loads a run.
+"""
 
 from typing import Any
 
+from nesta_ray.model.registration import register_on_import
+
 __version__ = "0.1.0"
 __all__ = ["__version__", "load_compressed"]
+
+register_on_import()
 
 
 def __getattr__(name: str) -> Any:

@@ -45,7 +45,8 @@ def test_cli_prints_the_before_after_table_and_writes_a_complete_run(job):
     assert "| c4_heldout |" in stdout and "| en_wikipedia |" in stdout
     run = out / "runs" / (out / "latest").read_text().strip()
     for name in ("manifest.json", "_SUCCESS", "nesta.json", "report.json", "report.md", "config.json",
-                 "tokenizer.json", "model.safetensors.index.json"):
+                 "tokenizer.json", "model.safetensors.index.nesta_lowrank.json", "modeling_nesta_lowrank.py",
+                 "lowrank_linear.py"):
         assert (run / name).is_file(), name
     report = json.loads((run / "report.json").read_text())
     assert len(report["modules"]) == 210 and report["method"]["name"] == "nsvd1"

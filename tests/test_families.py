@@ -147,4 +147,5 @@ def test_real_gemma3_270m_compresses_with_sane_perplexity(ray_local, tmp_path):
     assert math.isfinite(dense) and 5 < dense < 200
     assert math.isfinite(compressed) and dense < compressed < 20 * dense
     loaded = load_compressed(str(tmp_path / "out"))
-    assert loaded.config.model_type == "gemma3_text" and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.config.text_config.model_type == "gemma3_text"
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

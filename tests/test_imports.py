@@ -13,7 +13,8 @@ ORDER = [
     # pure math: the method
     "method.tensors", "method.guards", "method.ranks", "method.whitening", "method.decompose", "method.drift",
     # the model's structure and calibration
-    "model.arch", "model.layers", "model.lowrank", "model.calibration",
+    "model.arch", "model.layers", "model.lowrank_linear", "model.lowrank", "model.modeling_nesta_lowrank",
+    "model.registration", "model.calibration",
     # configuration and the plan
     "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.timing",
     # model and data I/O
@@ -24,20 +25,24 @@ ORDER = [
     "checkpoint.reader",
     # reports and operations on a model
     "report.markdown", "report.plots", "report.html", "ops.evaluation", "ops.gate", "ops.ratio_search", "ops.metrics",
+    "ops.lmeval",
     # the pipeline
     "pipeline.ray_env", "pipeline.tasks", "pipeline.embedded", "pipeline.layer_host", "pipeline.backends",
     "pipeline.faults", "pipeline.shard_weights", "pipeline.shard_worker", "pipeline.shard_group", "pipeline.runner",
     "pipeline.autoratio", "pipeline.progress", "pipeline.context", "pipeline.job_output", "pipeline.drift_scoring",
     "pipeline.job", "pipeline.dry_run", "pipeline.nightly",
     # entry points
-    "compress", "evaluate", "nightly",
+    "compress", "evaluate", "nightly", "lmeval",
 ]
 PACKAGES = {"method", "model", "config", "plan", "io", "data", "checkpoint", "report", "ops", "pipeline"}
 # Third-party packages allowed only in these modules.
 BOUNDARIES = {"ray": {"ops.metrics", "pipeline.ray_env", "pipeline.embedded", "pipeline.shard_group"},
               "fsspec": {"io.storage"},
-              "transformers": {"io.sources", "checkpoint.reader", "pipeline.backends", "pipeline.dry_run"},
-              "deepspeed": {"pipeline.backends"}}
+              # the Hugging Face classes of a compressed model, their registration, and where models are loaded
+              "transformers": {"model.modeling_nesta_lowrank", "model.registration", "io.sources",
+                               "checkpoint.reader", "pipeline.backends", "pipeline.dry_run"},
+              "deepspeed": {"pipeline.backends"},
+              "lm_eval": {"ops.lmeval", "lmeval"}}
 PURE = {m for m in ORDER if m.startswith("method.")}  # stdlib + torch (+ numpy for transport) + errors only
 PURE_ALLOWED = {"__future__", "math", "dataclasses", "typing", "collections", "torch", "numpy", "nesta_ray"}
 

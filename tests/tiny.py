@@ -72,3 +72,35 @@ def save_tiny_family(folder: Path, tokenizer_folder: str, model_type: str, layer
     for name in TOKENIZER_FILES:
         shutil.copy(Path(tokenizer_folder) / name, folder / name)
     return str(folder)
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_tiny_run(root: str, source: str, run_id: str = "r", ratio: float = 0.25) -> str:
+    """Compress the model in folder ``source`` by plain SVD (no calibration, no Ray) and commit it as run
+    ``run_id`` under ``root`` the way the job's reducer does: shards from the source and a stage, the Hugging Face
+    files, nesta.json. Returns the run URI."""
+    from nesta_ray.checkpoint.meta import RunMeta
+    from nesta_ray.checkpoint.runs import RunWriter
+    from nesta_ray.checkpoint.stage import LayerStage
+    from nesta_ray.checkpoint.writer import write_meta, write_model_files, write_weights
+    from nesta_ray.io.sources import ModelSource, load_model
+    from nesta_ray.method.decompose import Method, decompose
+    from nesta_ray.model.arch import arch_for
+    from nesta_ray.model.layers import tied_aliases
+    from nesta_ray.plan.linears import make_plan
+
+    model, _ = load_model(source)
+    spec, method = arch_for(model.config.model_type), Method("svd")
+    plan = make_plan(model, spec, method=method, ratio=ratio, targets=TARGETS)
+    stage = LayerStage(f"{root}-stage", run_id)
+    for layer in plan.layers():
+        stage.put(layer, {p.name: decompose(model.get_submodule(p.name).weight.detach(), method, p.rank)
+                          for p in plan.modules if p.layer == layer})
+    writer = RunWriter(root, run_id)
+    records = write_weights(writer, ModelSource(source, source), plan, stage, spec, model.config.num_hidden_layers,
+                            1 << 20)
+    write_model_files(writer, source, {name: r.rank for name, r in records.items()}, "float32")
+    write_meta(writer, RunMeta(run_id, "float32", method, ratio, records, tied_aliases(model)))
+    return writer.commit()

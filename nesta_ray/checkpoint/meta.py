@@ -1,4 +1,5 @@
-"""``nesta.json``: a run's metadata as a typed object, and its v1 JSON form (written and read only here)."""
+"""``nesta.json``: a run's metadata as a typed object, and its JSON form (written and read only here; the same
+fields in format v1 and v2)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nesta_ray import __version__
-from nesta_ray.checkpoint.layout import FORMAT, FORMAT_VERSION
+from nesta_ray.checkpoint.layout import FORMAT, FORMAT_VERSION, READABLE_VERSIONS
 from nesta_ray.errors import CheckpointError
 from nesta_ray.method.decompose import Factors, Method
 
@@ -39,7 +40,8 @@ class LinearRecord:
 @dataclass(frozen=True)
 class RunMeta:
     """What a run is: its id, model dtype, method and ratio, every compressed linear, tied aliases (alias -> kept
-    name), parameter totals, summed fallbacks and the fingerprints of model, calibration tokens and config."""
+    name), parameter totals, summed fallbacks, the fingerprints of model, calibration tokens and config, and the
+    checkpoint format version it was written in."""
 
     run_id: str
     dtype: str
@@ -50,11 +52,12 @@ class RunMeta:
     parameters: dict[str, int] = field(default_factory=dict)
     fallbacks: dict[str, int] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        """The v1 JSON object (method knobs at the top level, as every v1 reader expects)."""
+        """The JSON object (method knobs at the top level, as every reader since v1 expects)."""
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "nesta_ray_version": __version__,
+            "format": FORMAT, "format_version": self.format_version, "nesta_ray_version": __version__,
             "run_id": self.run_id, "dtype": self.dtype, "method": self.method.name, "ratio": self.ratio,
             "k1_fraction": self.method.k1_fraction, "k1_tolerance": self.method.k1_tolerance,
             "damping": self.method.damping, "alpha": self.method.alpha,
@@ -65,17 +68,20 @@ class RunMeta:
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> RunMeta:
-        """Parse a v1 nesta.json object read from ``where``. Raises CheckpointError for another format or version,
-        or a malformed object (naming the field)."""
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("format_version") != FORMAT_VERSION:
+        """Parse a nesta.json object of any readable version read from ``where``. Raises CheckpointError for another
+        format or version, or a malformed object (naming the field)."""
+        known = isinstance(obj, dict) and obj.get("format") == FORMAT
+        if not known or obj.get("format_version") not in READABLE_VERSIONS:
             got = (obj.get("format"), obj.get("format_version")) if isinstance(obj, dict) else (type(obj).__name__, "")
-            raise CheckpointError(f"{where}: not a {FORMAT} v{FORMAT_VERSION} checkpoint (nesta.json says "
+            readable = "/".join(f"v{v}" for v in READABLE_VERSIONS)
+            raise CheckpointError(f"{where}: not a {FORMAT} {readable} checkpoint (nesta.json says "
                                   f"{got[0]} v{got[1]})")
         try:
             method = Method(obj["method"], obj["k1_fraction"], obj["k1_tolerance"], obj["damping"], obj["alpha"])
             modules = {name: _record(r) for name, r in obj["modules"].items()}
             return cls(str(obj["run_id"]), str(obj["dtype"]), method, obj["ratio"], modules, dict(obj["tied"]),
-                       dict(obj["parameters"]), dict(obj["fallbacks"]), dict(obj["fingerprints"]))
+                       dict(obj["parameters"]), dict(obj["fallbacks"]), dict(obj["fingerprints"]),
+                       int(obj["format_version"]))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"{where}: nesta.json is malformed ({type(err).__name__}: {err})") from None
 

@@ -1,4 +1,5 @@
-"""Loading a run back: verified, as a transformers model with LowRankLinear modules, or multiplied out to dense."""
+"""Loading a run back: verified, then as a NestaLowRankForCausalLM through transformers' registered Auto classes,
+or multiplied out to a dense Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from nesta_ray.checkpoint.layout import INDEX, NESTA_JSON
+from nesta_ray.checkpoint.layout import CONFIG, MANIFEST, NESTA_JSON, lowrank_config
 from nesta_ray.checkpoint.meta import RunMeta
 from nesta_ray.checkpoint.runs import download_run, resolve_run
 from nesta_ray.errors import CheckpointError
 from nesta_ray.io.sources import default_cache_dir, load_model, resolve_model
-from nesta_ray.io.storage import join, read_json
-from nesta_ray.model.layers import set_submodule
-from nesta_ray.model.lowrank import LowRankLinear, dense_copy
+from nesta_ray.io.storage import join, one_line, read_json
+from nesta_ray.model.registration import register_auto_classes
+
+_LOADABLE = (".safetensors", ".bin", ".json")  # what from_pretrained may read from a model folder
 
 
 def read_meta(run_uri: str, storage_options: dict | None = None) -> RunMeta:
@@ -43,38 +45,50 @@ def _local_run(uri: str, storage_options: dict | None) -> tuple[str, RunMeta]:
 
 
 def load_compressed(uri: str, storage_options: dict | None = None) -> nn.Module:
-    """A transformers model whose compressed linears are LowRankLinear modules, in eval mode.
+    """A NestaLowRankForCausalLM (its compressed linears are LowRankLinear modules) in eval mode, in the run's dtype.
 
-    ``uri`` is a run folder or an output root (its ``latest`` run is taken). The manifest is checked (sizes and
-    sha256 of every file) before anything is loaded. Raises CheckpointError for an incomplete, tampered or
-    foreign checkpoint.
+    ``uri`` is a run folder or an output root (its ``latest`` run is taken), local or remote. The manifest is
+    checked (sizes and sha256 of every file) before anything is loaded; the model is then loaded through
+    transformers' ``AutoModelForCausalLM`` with nesta_ray's own registered classes (the modeling file a run carries
+    is never executed here). Format v1 runs load through the same classes. Raises CheckpointError for an
+    incomplete, tampered or foreign checkpoint.
     """
     return _assemble(*_local_run(uri, storage_options), uri)
 
 
 def _assemble(folder: str, meta: RunMeta, uri: str) -> nn.Module:
-    """Build the model from a verified local run folder and its metadata."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load the model from a verified local run folder and its metadata."""
+    from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, meta.dtype)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
-    for name, record in meta.modules.items():
-        old = model.get_submodule(name)
-        set_submodule(model, name, LowRankLinear(old.in_features, old.out_features, record.rank,
-                                                 bias=old.bias is not None, dtype=dtype))
-    state: dict[str, torch.Tensor] = {}
-    index = json.loads((Path(folder) / INDEX).read_text())
-    for shard in sorted(set(index["weight_map"].values())):  # the shards the manifest verified, nothing else
-        state.update(load_file(str(Path(folder) / shard)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(meta.tied)
-    if unexpected or set(missing) - tied:
-        raise CheckpointError(f"{uri}: tensors do not match the model: missing {sorted(set(missing) - tied)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")
-    model.tie_weights()
+    register_auto_classes()
+    _refuse_strays(folder, uri)
+    v1 = {"config": _v1_config(folder, meta), "variant": None} if meta.format_version == 1 else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, meta.dtype), **v1)
+    except (OSError, ValueError, RuntimeError) as err:  # missing files, wrong tensors, wrong shapes
+        raise CheckpointError(one_line(f"{uri}: {err}")) from None
     model.eval()
     return model
+
+
+def _v1_config(folder: str, meta: RunMeta) -> Any:
+    """A v1 run's config as v2 writes it: its config.json is the source's own; the ranks come from nesta.json."""
+    from nesta_ray.model.modeling_nesta_lowrank import NestaLowRankConfig
+
+    source = json.loads((Path(folder) / CONFIG).read_text())
+    ranks = {name: record.rank for name, record in meta.modules.items()}
+    return NestaLowRankConfig.from_dict(lowrank_config(source, ranks, meta.dtype))
+
+
+def _refuse_strays(folder: str, uri: str) -> None:
+    """Raise CheckpointError for a weight or JSON file in the run folder that the manifest does not list:
+    from_pretrained finds files by name, so it could read one in place of the verified files."""
+    listed = set(json.loads((Path(folder) / MANIFEST).read_text())["files"]) | {MANIFEST}
+    strays = sorted(p.name for p in Path(folder).iterdir()
+                    if p.is_file() and p.suffix in _LOADABLE and p.name not in listed)
+    if strays:
+        raise CheckpointError(f"{uri}: {strays[0]} is not listed in {MANIFEST}, and a loader could read it in place "
+                              f"of the verified files: remove it")
 
 
 def load_any(uri: str, storage_options: dict | None = None) -> tuple[nn.Module, Any]:
@@ -93,8 +107,10 @@ def load_any(uri: str, storage_options: dict | None = None) -> tuple[nn.Module, 
 
 def export_dense(uri: str, out_dir: str, storage_options: dict | None = None) -> str:
     """Write a compressed checkpoint as a plain Hugging Face folder (A·B multiplied out) to local ``out_dir``."""
+    from nesta_ray.model.modeling_nesta_lowrank import NestaLowRankForCausalLM
+
     model, tokenizer = load_any(uri, storage_options)
-    dense: Any = dense_copy(model)
+    dense: Any = model.to_dense() if isinstance(model, NestaLowRankForCausalLM) else model
     dense.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (Path(out_dir) / "nesta_source.json").write_text(json.dumps({"exported_from": uri}) + "\n")

@@ -18,7 +18,16 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-from nesta_ray.checkpoint.layout import FORMAT_VERSION, INDEX, LATEST, MANIFEST, RUNS, SUCCESS
+from nesta_ray.checkpoint.layout import (
+    FORMAT_VERSION,
+    HF_INDEX,
+    INDEX,
+    LATEST,
+    MANIFEST,
+    READABLE_VERSIONS,
+    RUNS,
+    SUCCESS,
+)
 from nesta_ray.errors import CheckpointError
 from nesta_ray.io.storage import (
     fs_kind,
@@ -166,9 +175,9 @@ def resolve_run(uri: str, storage_options: dict | None = None) -> str:
 
 def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashes: bool = True,
                hashed: Collection[str] | None = None) -> dict:
-    """Check a run's _SUCCESS, manifest format_version, and each file's presence, size and (``check_hashes``)
-    sha256, the sha256 of the files ``hashed`` names only when given (each must be in the manifest). Returns the
-    manifest dict. Raises CheckpointError naming the file and the problem; StorageError."""
+    """Check a run's _SUCCESS, manifest format_version (any readable one), and each file's presence, size and
+    (``check_hashes``) sha256, the sha256 of the files ``hashed`` names only when given (each must be in the
+    manifest). Returns the manifest dict. Raises CheckpointError naming the file and the problem; StorageError."""
     run_uri = normalise(run_uri)
     fs, path = url_to_fs(run_uri, storage_options)
     man_uri = join(run_uri, MANIFEST)
@@ -179,9 +188,9 @@ def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashe
         manifest = read_json(man_uri, storage_options)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise CheckpointError(f"{man_uri} is malformed: expected an object with 'files'")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{man_uri} has format_version {manifest.get('format_version')!r}; "
-                                  f"this nesta_ray reads {FORMAT_VERSION}")
+        if manifest.get("format_version") not in READABLE_VERSIONS:
+            raise CheckpointError(f"{man_uri} has format_version {manifest.get('format_version')!r}; this "
+                                  f"nesta_ray reads {', '.join(map(str, READABLE_VERSIONS))}: upgrade nesta_ray")
         if hashed is not None and (unlisted := sorted(set(hashed) - set(manifest["files"]))):
             raise CheckpointError(f"{man_uri} does not list {unlisted[0]!r}: the run does not vouch for it")
         for rel, ent in sorted(manifest["files"].items()):
@@ -199,10 +208,18 @@ def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashe
         return manifest
 
 
+def weight_index(run_uri: str, storage_options: dict | None = None) -> str:
+    """The name of a run's tensor index: v2's variant name, or a v1 run's Hugging Face one. Raises
+    StorageError."""
+    fs, path = url_to_fs(run_uri, storage_options)
+    with guard(run_uri, storage_options, write=False):
+        return INDEX if fs.exists(join(path, INDEX)) else HF_INDEX
+
+
 def verify_files(run_uri: str, files: Collection[str], storage_options: dict | None = None) -> None:
-    """Check a committed run and the sha256 of ``files`` (relative names; the index is always included) before
-    they are read. Raises CheckpointError / StorageError as ``verify_run``."""
-    verify_run(run_uri, storage_options, hashed={*files, INDEX})
+    """Check a committed run and the sha256 of ``files`` (relative names; the tensor index is always included)
+    before they are read. Raises CheckpointError / StorageError as ``verify_run``."""
+    verify_run(run_uri, storage_options, hashed={*files, weight_index(run_uri, storage_options)})
 
 
 def download_run(run_uri: str, local_dir: str, storage_options: dict | None = None) -> str:

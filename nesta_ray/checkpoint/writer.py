@@ -1,5 +1,6 @@
 """Writing a run's files: the weight shards assembled from the source's safetensors and the stage (the reducer),
-the source's model files, ``nesta.json`` and the dense export.
+the Hugging Face files (the low-rank config.json, the modeling files, the source's tokenizer), ``nesta.json`` and
+the dense export.
 
 One decoder layer is in memory at a time (plus the shard being filled): the source's tensors of that layer minus
 the weights of its planned linears, plus their staged factors. Shard sizes are known before anything is read
@@ -9,19 +10,26 @@ the weights of its planned linears, plus their staged factors. Shard sizes are k
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save as st_save
 
+from nesta_ray import model as model_package
 from nesta_ray.checkpoint.layout import (
+    CODE_FILES,
+    CONFIG,
     DENSE,
-    INDEX,
+    HF_INDEX,
     NESTA_JSON,
     SINGLE,
     factor_tensors,
+    lowrank_config,
     shard_name,
     weight_key,
 )
@@ -128,10 +136,26 @@ def write_weights(writer: RunWriter, source: ModelSource, plan: Plan, stage: Lay
     return records
 
 
-def write_model_files(writer: RunWriter, folder: str) -> None:
-    """Copy the source's non-weight files (config, tokenizer) into the run."""
+def write_model_files(writer: RunWriter, folder: str, ranks: Mapping[str, int], dtype: str) -> None:
+    """The run's Hugging Face files: config.json (``layout.lowrank_config`` around the source's config.json, with
+    the ``ranks`` of the compressed linears and the model's ``dtype``), the modeling files (verbatim copies from
+    nesta_ray/model/) and the source's other non-weight files (tokenizer, generation config). Raises
+    CheckpointError for a source config.json that cannot be read."""
+    source: dict[str, Any] | None = None
     for path in model_files(folder):
-        writer.put_file(os.path.basename(path), path)
+        if os.path.basename(path) == CONFIG:
+            try:
+                source = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"cannot read the source's {path} ({err})") from None
+        else:
+            writer.put_file(os.path.basename(path), path)
+    if not isinstance(source, dict):
+        raise CheckpointError(f"{folder} holds no {CONFIG} object: not a Hugging Face model folder")
+    writer.put_json(CONFIG, lowrank_config(source, ranks, dtype))
+    code = Path(next(iter(model_package.__path__)))
+    for name in CODE_FILES:
+        writer.put_file(name, str(code / name))
 
 
 def write_meta(writer: RunWriter, meta: RunMeta) -> None:
@@ -165,6 +189,6 @@ def write_dense(writer: RunWriter, source: ModelSource, plan: Plan, stage: Layer
     _stream(groups, [g.dense_size for g in groups], shard_bytes, assemble, put)
     if len(set(weight_map.values())) > 1:
         total = sum(store.entries[k].nbytes for k in store.keys())
-        writer.put_json(f"{DENSE}/{INDEX}", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        writer.put_json(f"{DENSE}/{HF_INDEX}", {"metadata": {"total_size": total}, "weight_map": weight_map})
     for path in model_files(source.folder):
         writer.put_file(f"{DENSE}/{os.path.basename(path)}", path)

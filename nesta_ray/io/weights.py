@@ -42,12 +42,13 @@ class TensorEntry:
 
 
 class WeightStore:
-    """Every tensor of the safetensors files under ``uri`` (a local folder or an fsspec URI). Picklable (the
-    filesystem is opened lazily in each process). Raises ModelError when the folder holds no safetensors or a
-    header is malformed, StorageError / CheckpointError for storage faults."""
+    """Every tensor of the safetensors files under ``uri`` (a local folder or an fsspec URI) that the tensor
+    index named ``index`` lists (else the single ``model.safetensors``). Picklable (the filesystem is opened lazily
+    in each process). Raises ModelError when the folder holds no safetensors or a header is malformed,
+    StorageError / CheckpointError for storage faults."""
 
-    def __init__(self, uri: str, storage_options: dict | None = None) -> None:
-        self.uri, self.storage_options = normalise(uri), storage_options
+    def __init__(self, uri: str, storage_options: dict | None = None, index: str = INDEX) -> None:
+        self.uri, self.storage_options, self.index = normalise(uri), storage_options, index
         self.bytes_read = 0
         self._fs: Any = None
         self.headers: dict[str, bytes] = {}  # file -> its raw JSON header (for fingerprints)
@@ -70,16 +71,16 @@ class WeightStore:
         return url_to_fs(join(self.uri, file), self.storage_options)[1]
 
     def _read_entries(self) -> dict[str, TensorEntry]:
-        index_uri = join(self.uri, INDEX)
+        index_uri = join(self.uri, self.index)
         with guard(self.uri, self.storage_options, write=False):
-            if self.fs.exists(self._path(INDEX)):
-                raw = self.fs.cat_file(self._path(INDEX))
+            if self.fs.exists(self._path(self.index)):
+                raw = self.fs.cat_file(self._path(self.index))
                 self.bytes_read += len(raw)
                 files = sorted(set(json.loads(raw)["weight_map"].values()))
             elif self.fs.exists(self._path(SINGLE)):
                 files = [SINGLE]
             else:
-                raise ModelError(f"{self.uri} holds neither {SINGLE} nor {INDEX}")
+                raise ModelError(f"{self.uri} holds neither {SINGLE} nor {self.index}")
         entries: dict[str, TensorEntry] = {}
         for file in files:
             entries.update(self._header(file))

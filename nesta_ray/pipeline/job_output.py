@@ -73,7 +73,7 @@ def write_run(ctx: JobContext, plan: Plan, stage: LayerStage, t_start: float) ->
     writer = RunWriter(cfg.output.uri, report["run_id"], cfg.output.storage_options)
     layers = src.hf_config.num_hidden_layers
     records = write_weights(writer, src.model, plan, stage, src.spec, layers, cfg.output.shard_bytes)
-    write_model_files(writer, src.model.folder)
+    write_model_files(writer, src.model.folder, {name: r.rank for name, r in records.items()}, cfg.model.dtype)
     report.update(_summary(ctx, plan, records))
     _layer_metrics(ctx, plan, records)
     write_meta(writer, _meta(ctx, records))

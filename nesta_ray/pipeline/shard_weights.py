@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from nesta_ray.checkpoint.layout import factor_keys
-from nesta_ray.checkpoint.runs import verify_files
+from nesta_ray.checkpoint.runs import verify_files, weight_index
 from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.errors import ShardStateLost
 from nesta_ray.io.weights import WeightStore
@@ -94,7 +94,7 @@ class WeightsSwitch:
     def run_factors(self, weights: Weights) -> dict[int, dict[str, Factors]]:
         """Per layer, the factors of this shard's linears in the run at ``weights.uri``, read tensor by tensor
         (only their bytes; A and B only, their statistics stay in the run's nesta.json)."""
-        store = WeightStore(weights.uri, weights.storage_options)
+        store = WeightStore(weights.uri, weights.storage_options, weight_index(weights.uri, weights.storage_options))
         wanted = {i: [k for name in self.plan.names(i) for k in factor_keys(name)] for i in self.plan.layers()}
         verify_files(weights.uri, sorted({store.entries[k].file for keys in wanted.values() for k in keys}),
                      weights.storage_options)  # every file read from a run is one its manifest vouches for

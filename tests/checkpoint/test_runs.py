@@ -65,11 +65,11 @@ def test_round_trip(root, tmp_path, monkeypatch):
     manifest = runs.verify_run(run_uri, opts)
     assert manifest["format_version"] == runs.FORMAT_VERSION and manifest["run_id"] == "r1"
     assert set(manifest["files"]) == {"model-00001.safetensors", "model-00002.safetensors", "config.json",
-                                      "sub/notes.txt", "model.safetensors.index.json"}
+                                      "sub/notes.txt", runs.INDEX}
     want = {"size": 10_000, "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}
     assert manifest["files"]["sub/notes.txt"] == want
 
-    index = storage.read_json(storage.join(run_uri, "model.safetensors.index.json"), opts)
+    index = storage.read_json(storage.join(run_uri, runs.INDEX), opts)
     assert index["weight_map"] == {**{k: "model-00001.safetensors" for k in _tensors(1)},
                                    **{k: "model-00002.safetensors" for k in _tensors(2)}}
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
@@ -167,7 +167,7 @@ def test_writer_rejects_duplicates_and_second_commit(tmp_path):
         w.put_bytes("../escape", b"x")
     run_uri = w.commit()
     assert not os.path.exists(os.path.join(run_uri, "b.safetensors"))
-    assert runs.verify_run(run_uri)["files"].keys() == {"a.safetensors", "model.safetensors.index.json"}
+    assert runs.verify_run(run_uri)["files"].keys() == {"a.safetensors", runs.INDEX}
     with pytest.raises(CheckpointError, match="already called"):
         w.commit()
     with pytest.raises(CheckpointError, match="closed"):

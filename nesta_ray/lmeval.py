@@ -1,0 +1,32 @@
+"""CLI: ``python -m nesta_ray.lmeval [lm-eval arguments]``: lm-evaluation-harness's own command line with the
+``nesta`` model registered, e.g. ``--model nesta --model_args pretrained=out/smollm2-135m --tasks ... --include_path
+DIR``. Arguments are the harness's (``lm-eval --help``); a NestaError while loading becomes one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from nesta_ray.errors import NestaError
+
+
+def main() -> int:
+    """Run the harness's command line (it reads sys.argv) with the ``nesta`` model registered."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import nesta_ray.ops.lmeval  # noqa: F401 - registers the model
+    except ImportError as err:
+        print(f"error: lm-evaluation-harness is not installed ({err}): pip install 'nesta_ray[lmeval]'",
+              file=sys.stderr)
+        return 2
+    try:
+        cli_evaluate()
+    except NestaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
