@@ -55,7 +55,7 @@ class InProcessModel(AbstractContextManager["InProcessModel"]):
         self.model, self.work, self.stage = model, work, stage
         self.spec = arch_for(config_of(model).model_type)
         self.host = ModelLayers(model, self.spec)
-        self.switch = WeightsSwitch(self.host, work.plan, work.method)
+        self.switch = WeightsSwitch(self.host, work.plan, work.method, work.threads)
 
     def __exit__(self, *exc: object) -> None:
         return None

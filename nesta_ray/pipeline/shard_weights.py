@@ -24,6 +24,7 @@ from nesta_ray.io.weights import WeightStore
 from nesta_ray.method.decompose import Factors, InputStats, Method, Scaled, decompose, scale
 from nesta_ray.method.drift import relative_error
 from nesta_ray.pipeline.layer_host import LayerHost
+from nesta_ray.pipeline.tasks import fixed_threads
 from nesta_ray.plan.linears import Plan
 
 
@@ -59,10 +60,11 @@ def at_ranks(ranks: dict[str, int]) -> Weights:
 
 
 class WeightsSwitch:
-    """A shard's layers switched between weights; ``backend`` holds the layers, ``plan`` its part of the plan."""
+    """A shard's layers switched between weights; ``backend`` holds the layers, ``plan`` its part of the plan;
+    SVDs and truncations run with ``threads`` torch threads (the decomposition tasks' count)."""
 
-    def __init__(self, backend: LayerHost, plan: Plan, method: Method) -> None:
-        self.backend, self.plan, self.method = backend, plan, method
+    def __init__(self, backend: LayerHost, plan: Plan, method: Method, threads: int) -> None:
+        self.backend, self.plan, self.method, self.threads = backend, plan, method, threads
         self.current = DENSE
         self.prepared: dict[str, tuple[Scaled, InputStats]] = {}  # linear -> its scaled SVD and statistics
 
@@ -122,6 +124,10 @@ class WeightsSwitch:
     def prepare(self, stats: dict[int, dict[str, InputStats]]) -> None:
         """One scaled SVD per planned linear (the group's scaling shared), from this shard's statistics."""
         self.prepared.clear()
+        with fixed_threads(self.threads):
+            self._prepare(stats)
+
+    def _prepare(self, stats: dict[int, dict[str, InputStats]]) -> None:
         for i in self.plan.layers():
             for group, plans in self.plan.for_layer(i).items():
                 wh = self.method.scaling(stats[i][group])
@@ -136,6 +142,10 @@ class WeightsSwitch:
         if not self.prepared:
             raise ShardStateLost("a layer shard lost its prepared SVDs (it was restarted during the automatic ratio "
                                 "search); rerun the job")
+        with fixed_threads(self.threads):
+            return self._at_ratio(ranks)
+
+    def _at_ratio(self, ranks: dict[str, int]) -> dict[int, dict[str, Factors]]:
         out: dict[int, dict[str, Factors]] = {}
         for i in self.plan.layers():
             plans = [p for group in self.plan.for_layer(i).values() for p in group]

@@ -59,7 +59,7 @@ class LayerShard:
         self.plan, self.stage, self.fault = self.work.plan, stage, options.fault
         self.backend = open_backend(options.backend, source, part, dtype=options.dtype,
                                     device=None if device is None else torch.device(device))
-        self.switch = WeightsSwitch(self.backend, self.plan, self.work.method)
+        self.switch = WeightsSwitch(self.backend, self.plan, self.work.method, self.work.threads)
         self.grams: dict[int, dict[str, GramAccumulator]] = {}  # layer -> group -> fp64 sums on the host
         self.seen = 0  # micro-batches accumulated in order by ``forward``
         self.staged_at_start = self._staged()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +31,18 @@ class Work:
     def subset(self, layers: list[int]) -> Work:
         """The same work restricted to ``layers`` (a layer shard's part)."""
         return dataclasses.replace(self, plan=self.plan.subset(layers))
+
+
+@contextmanager
+def fixed_threads(threads: int) -> Iterator[None]:
+    """Run the body with ``threads`` torch threads (the decomposition's fixed count, so that factors computed in
+    the driver equal those of a task or a shard bit for bit), then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def decompose_task(weights: dict[str, np.ndarray], plans: list[ModulePlan], method: Method,
