@@ -8,7 +8,8 @@ the ranks, which every method shares at a ratio. All models live in one process;
 Prefill tokens/s = B·P / t(generate 1 token); decode tokens/s = B·(N−1) / (t(generate N) − t(generate 1)), the two
 timed back to back. Peak memory is the growth during one generate call: on CUDA max_memory_allocated (exact); on
 the CPU the peak resident set, sampled every millisecond in a fresh subprocess per (model, batch) that builds a
-model of the same shapes with random weights (no allocator cache carried over from another model).
+model of the same shapes with random weights (no allocator cache carried over from another model; EXACT_RSS makes
+malloc return freed blocks, so the growth is the live tensors').
 The layer table times dense nn.Linear, LowRankLinear and two bare F.linear calls on the same factors.
 
     python scripts/benchmark_inference.py            # 3 ratios, batch 1 and 8, prompt 128, 32 new tokens, 5 reps
@@ -49,6 +50,9 @@ from nesta_ray.report.markdown import table
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SVD = Method("svd")
+# glibc malloc serves every block over 64 KiB by mmap and unmaps it when freed, so the resident set follows the live
+# tensors: without it freed blocks stay resident or get reused, and the measured growth swung 36-162 MiB run to run.
+EXACT_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -194,10 +198,11 @@ def memory_child(args: argparse.Namespace) -> int:
 
     ratio, batch = float(args.memory_child[0]), int(args.memory_child[1])
     config = AutoConfig.from_pretrained(resolve_model(args.model))
-    dense = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+    # A compressed model is built without ever allocating the dense weights: memory freed before the measurement
+    # would sit in the allocator's free lists and hide the generate call's growth.
+    with torch.device("meta" if ratio else "cpu"):
+        dense = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
     model = dense if ratio == 0 else lowrank_model(dense, ranks_of(dense, ratio), None).to(getattr(torch, args.dtype))
-    if model is not dense:
-        del dense
     ids = prompts(config.vocab_size, [batch], args.prompt_len, args.seed, "cpu")[batch]
     print(json.dumps({"peak_bytes": rss_peak_growth(lambda: generate_seconds(model, ids, args.new_tokens, "cpu"))}))
     return 0
@@ -216,7 +221,7 @@ def peak_memory(models: dict[str, nn.Module], ratio_of: dict[str, float], args: 
             cmd = [sys.executable, __file__, "--memory-child", str(ratio_of[name]), str(b), "--model", args.model,
                    "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype,
                    "--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **EXACT_RSS})
             out[name, b] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
     return out
 
