@@ -98,3 +98,15 @@ def test_an_s3_output_is_probed_and_nothing_echoed(s3_job, capsys):
     out, err = capsys.readouterr()
     assert "probe object written and deleted" in out
     assert SO_SECRET not in out + err and KEY not in out + err
+
+
+@pytest.mark.parametrize(("sets", "names"), [
+    (["output.uri=ftp://127.0.0.1:9/x"], "output.uri"),
+    (["output.uri={out}/keep.txt"], "output.uri"),
+    (["calibration.path={out}/none.txt"], "calibration.path"),
+    (["calibration.seq_len=2048", "evaluation.sets.0.first_window=4000"], "calibration.seq_len"),
+])
+def test_the_job_runs_the_same_pre_flight_before_any_work(job, refused, sets, names):
+    """Without --dry-run: refused before Ray starts or anything is written."""
+    args = ["--config", job.write()] + [a for s in sets for a in ("--set", s.format(out=job.out))]
+    refused(lambda: compress_main(args), names, watch=(job.out,))
