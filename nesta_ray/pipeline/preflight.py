@@ -4,7 +4,7 @@ the plan.
 
 - storage options that an S3 filesystem would silently ignore are refused (``io.storage.unknown_options``);
 - the model: its safetensors headers against the files' sizes (a truncated file is refused) and every planned
-  linear's weight present;
+  linear's weight present, of the shape its config.json gives;
 - text: each calibration and evaluation file opened and its first 64 KiB checked (``data.text.probe_text``:
   missing, binary, a folder, a text file named .parquet), request logs listed, the gate's critical cases parsed;
 - the output: the job writes and deletes a probe object; a dry run probes a remote output the same way and, for a
@@ -103,7 +103,8 @@ def _context(cfg: JobConfig, hf_config: Any) -> None:
 
 
 def _model(cfg: JobConfig, plan: Plan, checks: Preflight, source: ModelSource | None) -> None:
-    """The source's weights: headers against sizes, and the planned linears' weights present."""
+    """The source's weights: headers against sizes, and every planned linear's weight present with the shape its
+    config.json gives."""
     if source is None:
         checks.add("model.source", cfg.model.source, _OFFLINE)
         return
