@@ -1,12 +1,14 @@
 """CLI: ``python -m nesta_ray.lmeval [lm-eval arguments]``: lm-evaluation-harness's own command line with the
 ``nesta`` model registered, e.g. ``--model nesta --model_args pretrained=out/smollm2-135m --tasks ... --include_path
-DIR``. Arguments are the harness's (``lm-eval --help``); a NestaError while loading becomes one line and exit 2.
+DIR``. Arguments are the harness's (``lm-eval --help``); a NestaError while loading becomes one line (redacted) and
+exit 2.
 """
 
 from __future__ import annotations
 
 import sys
 
+from nesta_ray.cli import fail
 from nesta_ray.errors import NestaError
 
 
@@ -22,9 +24,8 @@ def main() -> int:
         return 2
     try:
         cli_evaluate()
-    except NestaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except NestaError as err:  # the harness's own errors stay the harness's
+        return fail(err)
     return 0
 
 

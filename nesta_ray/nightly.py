@@ -1,40 +1,47 @@
 """CLI: ``python -m nesta_ray.nightly --config FILE [--set key=value ...]``: one night of drift-driven recompression.
 
 Only argument handling lives here (the night is ``pipeline.nightly.run_night``); exit code 0 for a skip or a
-published run, 3 when the new run failed its gate (nothing published), 2 for any error.
+published run, 3 when the new run failed its gate (nothing published), 2 for any error (one line, ``cli``). What it
+prints is redacted (URI userinfo, storage_options values, secrets in the environment).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from nesta_ray.config.loading import load_config
-from nesta_ray.errors import NestaError
+from nesta_ray.cli import Parser, emit, fail
+from nesta_ray.config.loading import apply_overrides, read_raw, validate
+from nesta_ray.redaction import redact_obj, secrets_of
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nesta_ray.nightly", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m nesta_ray.nightly", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML job config with a nightly section (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    parser.add_argument("--dry-run", action="store_true", help="print what a night costs, phase by phase, and exit")
+    parser.add_argument("--dry-run", action="store_true", help="check what a night reads and writes, print what it "
+                        "costs, phase by phase, and exit")
     args = parser.parse_args(argv)
+    secrets: set[str] = set()
     try:
-        cfg = load_config(args.config, args.set)
+        raw = apply_overrides(read_raw(args.config), args.set)
+        secrets = secrets_of(raw)
+        cfg = validate(raw)
+        from nesta_ray.io.sources import quiet_loading
+
+        quiet_loading()
         if args.dry_run:
             from nesta_ray.pipeline.dry_run import night_dry_run
 
-            print(night_dry_run(cfg))
+            emit(night_dry_run(cfg), secrets)
             return 0
         from nesta_ray.pipeline.nightly import run_night
 
         record = run_night(cfg)
-    except NestaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(record, indent=2, sort_keys=True))
-    print(f"night: {record['decision']} ({record['reason']})", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - every failure is one line (cli.fail)
+        return fail(err, secrets)
+    emit(json.dumps(redact_obj(record), indent=2, sort_keys=True), secrets)
+    emit(f"night: {record['decision']} ({record['reason']})", secrets, err=True)
     return 3 if record.get("published") is False else 0
 
 

@@ -9,14 +9,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "nesta_ray"
 # The floors, bottom up: each module may import only modules listed before it.
 ORDER = [
-    "errors",
+    "errors", "redaction",
     # pure math: the method
     "method.tensors", "method.guards", "method.ranks", "method.whitening", "method.decompose", "method.drift",
     # the model's structure and calibration
     "model.arch", "model.layers", "model.lowrank_linear", "model.lowrank", "model.modeling_nesta_lowrank",
     "model.registration", "model.calibration",
     # configuration and the plan
-    "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.timing",
+    "config.validators", "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.timing",
     # model and data I/O
     "io.storage", "io.weights", "io.sources", "io.packages", "data.corpora", "data.text", "data.selection",
     "data.requestlogs", "data.windows",
@@ -27,12 +27,12 @@ ORDER = [
     "report.markdown", "report.plots", "report.html", "ops.evaluation", "ops.gate", "ops.ratio_search", "ops.metrics",
     "ops.lmeval",
     # the pipeline
-    "pipeline.ray_env", "pipeline.tasks", "pipeline.embedded", "pipeline.layer_host", "pipeline.backends",
+    "pipeline.preflight", "pipeline.ray_env", "pipeline.tasks", "pipeline.embedded", "pipeline.layer_host", "pipeline.backends",
     "pipeline.faults", "pipeline.shard_weights", "pipeline.shard_worker", "pipeline.shard_group", "pipeline.runner",
     "pipeline.autoratio", "pipeline.progress", "pipeline.context", "pipeline.job_output", "pipeline.drift_scoring",
     "pipeline.job", "pipeline.dry_run", "pipeline.nightly",
     # entry points
-    "compress", "evaluate", "nightly", "lmeval",
+    "cli", "compress", "evaluate", "nightly", "lmeval",
 ]
 PACKAGES = {"method", "model", "config", "plan", "io", "data", "checkpoint", "report", "ops", "pipeline"}
 # Third-party packages allowed only in these modules.

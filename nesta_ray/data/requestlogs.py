@@ -96,25 +96,32 @@ class _Bad(Exception):
 
 # ---- reading (the only I/O) -------------------------------------------------------------------------------------
 
+def list_log_files(uri: str, storage_options: dict | None = None) -> tuple[Any, list[str]]:
+    """(filesystem, paths) of the log files ``uri`` names, as ``read_log_files`` takes them (nothing read)."""
+    from nesta_ray.io.storage import guard, url_to_fs
+
+    fs, path = url_to_fs(uri, storage_options)
+    with guard(uri, storage_options, write=False):
+        try:
+            if any(c in path for c in "*?["):
+                names = [p for p in fs.glob(path) if fs.isfile(p)]
+            elif fs.isdir(path):
+                names = [p for p in fs.find(path) if p.lower().endswith(LOG_SUFFIXES)]
+            else:
+                names = [path] if fs.isfile(path) else []
+        except FileNotFoundError:
+            names = []
+    if not names:
+        raise DataError(f"calibration.logs.uri {uri} matches no log file (a .jsonl file, a folder of them or a glob)")
+    return fs, names
+
+
 def read_log_files(uri: str, storage_options: dict | None = None, since: float | None = None
                    ) -> tuple[list[LogFile], int]:
     """The log files ``uri`` names (a file, a folder: its *.jsonl/.ndjson/.json[.gz] files at any depth, or a glob),
     in name order, and how many were skipped as last modified before ``since`` (unix seconds). ``.gz`` files are
     decompressed. Raises DataError when ``uri`` matches no file."""
-    from nesta_ray.io.storage import url_to_fs
-
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        if any(c in path for c in "*?["):
-            names = [p for p in fs.glob(path) if fs.isfile(p)]
-        elif fs.isdir(path):
-            names = [p for p in fs.find(path) if p.lower().endswith(LOG_SUFFIXES)]
-        else:
-            names = [path] if fs.isfile(path) else []
-    except FileNotFoundError:
-        names = []
-    if not names:
-        raise DataError(f"calibration.logs.uri {uri} matches no log file (a .jsonl file, a folder of them or a glob)")
+    fs, names = list_log_files(uri, storage_options)
     files, old = [], 0
     for name in sorted(names):
         try:

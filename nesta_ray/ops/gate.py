@@ -15,8 +15,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nesta_ray.data.text import read_file, utf8
 from nesta_ray.errors import DataError
-from nesta_ray.io.storage import read_bytes
 from nesta_ray.ops.evaluation import NextToken, generate
 
 
@@ -94,12 +94,9 @@ def parse_cases(text: str, source: str) -> list[Case]:
 
 
 def read_cases(uri: str, storage_options: dict | None = None) -> list[Case]:
-    """Cases from a JSON-lines file (local path or fsspec URI). Raises DataError (StorageError if unreadable)."""
-    try:
-        raw = read_bytes(uri, storage_options)
-    except FileNotFoundError:
-        raise DataError(f"critical cases file {uri} does not exist") from None
-    return parse_cases(raw.decode("utf-8"), uri)
+    """Cases from a JSON-lines file (local path or fsspec URI). Raises DataError for a missing, unreadable or binary
+    file or a malformed case; StorageError for storage faults."""
+    return parse_cases(utf8(read_file(uri, storage_options, "critical cases file"), uri), uri)
 
 
 def run_cases(next_token: NextToken, tokenizer: Any, cases: list[Case], max_new_tokens: int) -> dict[str, str]:

@@ -13,6 +13,7 @@ from nesta_ray.config.schema import JobConfig
 from nesta_ray.errors import ConfigError
 from nesta_ray.io.sources import meta_model
 from nesta_ray.ops.gate import read_cases
+from nesta_ray.pipeline.preflight import preflight
 from nesta_ray.plan.linears import ModulePlan, Plan, plan_for
 from nesta_ray.plan.sizing import ModelShape, dtype_bytes, memory_estimate, shard_plan
 from nesta_ray.plan.timing import Phase, Rates, drift_phase, job_phases, job_seconds, measure_rates, shard_time
@@ -28,13 +29,12 @@ def hf_config_of(cfg: JobConfig) -> Any:
         try:
             raw = json.loads(Path(cfg.model.config_json).read_text())
             return AutoConfig.for_model(raw.pop("model_type"), **raw)
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:
             raise ConfigError(f"model.config_json: cannot read a config.json with model_type from "
                               f"{cfg.model.config_json} ({type(err).__name__}: {err})") from None
-    from nesta_ray.io.sources import open_source
+    from nesta_ray.io.sources import load_config, open_source
 
-    return AutoConfig.from_pretrained(open_source(cfg.model.source, cfg.model.cache_dir,
-                                                  cfg.model.storage_options).folder)
+    return load_config(open_source(cfg.model.source, cfg.model.cache_dir, cfg.model.storage_options).folder)
 
 
 def _split(p: ModulePlan, cfg: JobConfig) -> str:
@@ -108,6 +108,7 @@ def dry_run(cfg: JobConfig) -> str:
     memory, and with ``runtime.workers`` the shards and every phase's time and bytes. Raises ConfigError when the
     job cannot be planned or does not fit."""
     hf_config, plan = planned(cfg)
+    checks = preflight(cfg, hf_config, plan, dry=True)  # what the job reads, opened; what it writes, probed
     auto = cfg.method.auto
     lines = [
         f"model {cfg.model.source} ({hf_config.model_type}, {plan.model_params:,} parameters), method "
@@ -129,7 +130,7 @@ def dry_run(cfg: JobConfig) -> str:
         mem = memory_estimate(plan, shape, cfg.calibration)
         lines.append(table(["memory", "GiB"], [[k, f"{v / 2**30:.3f}"] for k, v in mem.items()]))
     lines.append(f"output: {cfg.output.uri}/runs/<run id> (then latest)")
-    return "\n\n".join(lines)
+    return "\n\n".join([*lines, checks.text()])
 
 
 def night_dry_run(cfg: JobConfig) -> str:
@@ -138,6 +139,7 @@ def night_dry_run(cfg: JobConfig) -> str:
     if not cfg.runtime.workers:
         return "a night on the whole model in this process: score drift, then maybe run the job\n\n" + dry_run(cfg)
     hf_config, plan = planned(cfg)
+    checks = preflight(cfg, hf_config, plan, dry=True)
     rates, rates_src = _rates(cfg)
     shards = shard_plan(cfg, plan, hf_config)
     error_flops = sum(2.0 * p.m * p.n * p.n + 2.0 * p.rank * p.n * (p.n + p.m) for p in plan.modules)
@@ -149,4 +151,5 @@ def night_dry_run(cfg: JobConfig) -> str:
         f"night of {cfg.model.source} on {cfg.runtime.workers} layer shards (rates {rates_src}); drift threshold "
         f"{cfg.nightly.drift_threshold}, {cfg.nightly.sample_sequences} sample windows, keep "
         f"{cfg.nightly.keep_runs} runs",
-        "a night that skips:", phases_table(skip), "a night that recompresses:", phases_table(recompress)])
+        "a night that skips:", phases_table(skip), "a night that recompresses:", phases_table(recompress),
+        checks.text()])

@@ -1,7 +1,8 @@
 """The job: plan, calibrate + decompose, evaluate, gate, write, commit, on one ``Runner`` for every step.
 
-Order of work: resolve the model and check the output storage (before any compute), plan on the meta device,
-refuse a job that cannot fit, read text, open the runner (the whole model in this process, or layer-shard actors
+Order of work: resolve the model and run the pre-flight check (``preflight``: what the job reads opened, the output
+probed, the config checked against the model; before any compute), plan on the meta device, refuse a job that
+cannot fit, read text, open the runner (the whole model in this process, or layer-shard actors
 that hold the weights for every later step: no second load), evaluate dense, choose the ratio (``ratio: auto``),
 calibrate + decompose (staging each finished layer), evaluate compressed, generate, gate, assemble the checkpoint
 from the source and the stage, commit, publish. This module only orchestrates.
@@ -20,7 +21,7 @@ from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.config.schema import JobConfig
 from nesta_ray.data.windows import TextCache, calibration_ids, evaluation_ids
 from nesta_ray.io.sources import load_source, load_tokenizer
-from nesta_ray.io.storage import check_storage, join
+from nesta_ray.io.storage import join
 from nesta_ray.ops.evaluation import generate, perplexity_of
 from nesta_ray.ops.gate import check_gate, read_cases, run_cases
 from nesta_ray.ops.metrics import JobMetrics
@@ -28,6 +29,7 @@ from nesta_ray.pipeline.autoratio import choose_ratio
 from nesta_ray.pipeline.context import JobContext, Source, job_stage, resolve_source, shard_options
 from nesta_ray.pipeline.embedded import compress_layerwise
 from nesta_ray.pipeline.job_output import write_run
+from nesta_ray.pipeline.preflight import preflight
 from nesta_ray.pipeline.progress import progress_bars
 from nesta_ray.pipeline.ray_env import ensure_ray
 from nesta_ray.pipeline.runner import InProcessModel, Runner
@@ -43,9 +45,9 @@ def _prepare(cfg: JobConfig, progress: Progress) -> JobContext:
     ranks) or cannot write its output before any work."""
     start = time.perf_counter()
     source = resolve_source(cfg)
-    check_storage(cfg.output.uri, cfg.output.storage_options, write=True)
+    sized = cfg.with_ratio(cfg.method.auto.min_ratio) if cfg.method.auto else cfg
+    checks = preflight(cfg, source.hf_config, plan_for(source.skeleton, sized), dry=False, source=source.model)
     if cfg.runtime.workers:
-        sized = cfg.with_ratio(cfg.method.auto.min_ratio) if cfg.method.auto else cfg
         shard_plan(sized, plan_for(source.skeleton, sized), source.hf_config)
     tokenizer = load_tokenizer(source.model.folder)
     texts = TextCache(tokenizer)
@@ -54,7 +56,8 @@ def _prepare(cfg: JobConfig, progress: Progress) -> JobContext:
     ensure_ray(cfg.runtime.ray_address, cfg.runtime.num_cpus)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint()[:8]}-{uuid.uuid4().hex[:6]}"
     ctx = JobContext(cfg, source, tokenizer, texts, calib, evals, cases,
-                     JobMetrics("compress", run_id, cfg.model.source), progress, {"run_id": run_id, "perplexity": {}})
+                     JobMetrics("compress", run_id, cfg.model.source), progress,
+                     {"run_id": run_id, "perplexity": {}, "warnings": checks.warnings})
     ctx.timings["load"] = time.perf_counter() - start
     return ctx
 

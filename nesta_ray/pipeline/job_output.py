@@ -15,6 +15,7 @@ from nesta_ray.data.text import fingerprint_tokens
 from nesta_ray.model.layers import tied_aliases
 from nesta_ray.pipeline.context import JobContext
 from nesta_ray.plan.linears import Plan
+from nesta_ray.redaction import redact_obj
 from nesta_ray.report.html import render_html
 from nesta_ray.report.markdown import json_safe, run_markdown, total_fallbacks
 
@@ -84,9 +85,10 @@ def write_run(ctx: JobContext, plan: Plan, stage: LayerStage, t_start: float) ->
     report["timings"] = {k: round(v, 3) for k, v in ctx.timings.items()}
     report["run_uri"] = writer.run_uri
     report["published"] = report.get("gate", {}).get("passed", True)  # a failed gate keeps latest where it was
-    writer.put_json(REPORT_JSON, json_safe(report))
-    writer.put_bytes(REPORT_MD, run_markdown(report).encode())
-    writer.put_bytes(REPORT_HTML, render_html(json_safe(report), sweep_rows=_auto_rows(report)).encode())
+    shown = redact_obj(report)  # no URI userinfo, no storage_options values in what is written
+    writer.put_json(REPORT_JSON, json_safe(shown))
+    writer.put_bytes(REPORT_MD, run_markdown(shown).encode())
+    writer.put_bytes(REPORT_HTML, render_html(json_safe(shown), sweep_rows=_auto_rows(shown)).encode())
     writer.commit(publish=report["published"])
     ctx.metrics.bytes_written(writer.bytes_written)
     ctx.metrics.run_finished(ctx.timings["total"])

@@ -30,6 +30,7 @@ from nesta_ray.pipeline.context import resolve_source
 from nesta_ray.pipeline.drift_scoring import DriftScorer
 from nesta_ray.pipeline.job import run_job
 from nesta_ray.pipeline.ray_env import ensure_ray
+from nesta_ray.redaction import redact_obj
 from nesta_ray.report.html import render_html
 
 NIGHTS = "nights"
@@ -123,7 +124,7 @@ def run_night(cfg: JobConfig, now: datetime.datetime | None = None) -> dict[str,
     record["removed_runs"] = prune_runs(cfg, cfg.nightly.keep_runs, latest and run_id_of(latest))
     stamp = now.strftime(STAMP)
     put_object(join(cfg.output.uri, NIGHTS, f"{stamp}.json"),
-               (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), opts)
+               (json.dumps(redact_obj(record), indent=2, sort_keys=True) + "\n").encode(), opts)
     if latest is not None:
         put_object(join(cfg.output.uri, NIGHTS, f"{stamp}.html"), night_page(cfg, latest, record).encode(), opts)
     return record

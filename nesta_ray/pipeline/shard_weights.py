@@ -96,6 +96,7 @@ class WeightsSwitch:
     def run_factors(self, weights: Weights) -> dict[int, dict[str, Factors]]:
         """Per layer, the factors of this shard's linears in the run at ``weights.uri``, read tensor by tensor
         (only their bytes; A and B only, their statistics stay in the run's nesta.json)."""
+        verify_files(weights.uri, [], weights.storage_options)  # the index, and that it names only listed files
         store = WeightStore(weights.uri, weights.storage_options, weight_index(weights.uri, weights.storage_options))
         wanted = {i: [k for name in self.plan.names(i) for k in factor_keys(name)] for i in self.plan.layers()}
         verify_files(weights.uri, sorted({store.entries[k].file for keys in wanted.values() for k in keys}),

@@ -112,6 +112,8 @@ def run_markdown(report: dict) -> str:
         if g["failures"]:
             parts.append(table(["kind", "name", "failure"], [[f["kind"], f["name"],
                                                               f["detail"]] for f in g["failures"]]))
+    if report.get("warnings"):
+        parts += ["## Warnings", "\n".join(f"- {w}" for w in report["warnings"])]
     if report.get("skipped_records"):
         parts += ["## Records skipped while reading text",
                   table(["source", "reason", "records"], [[src, reason, n] for src, counts in

@@ -106,4 +106,4 @@ def test_the_command_line_runs_the_harness_with_the_nesta_model(run, task_dir, t
     monkeypatch.setattr(sys, "argv", ["lmeval", "--model", "nesta", "--model_args", f"pretrained={tmp_path / 'gone'}",
                                       "--tasks", TASK, "--include_path", str(task_dir)])
     assert lmeval_main() == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: model source '{tmp_path / 'gone'}'")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: model source {tmp_path / 'gone'} does not exist")
