@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nesta_ray"
 ORDER = [
     "errors",
     # pure math: the method
-    "method.tensors", "method.guards", "method.ranks", "method.whitening", "method.decompose", "method.drift",
+    "method.tensors", "method.guards", "method.ranks", "method.whitening", "method.factorize", "method.decompose",
+    "method.drift",
     # the model's structure and calibration
     "model.arch", "model.layers", "model.lowrank_linear", "model.lowrank", "model.modeling_nesta_lowrank",
     "model.registration", "model.calibration",
