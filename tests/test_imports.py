@@ -15,9 +15,9 @@ ORDER = [
     "method.drift",
     # the model's structure and calibration
     "model.arch", "model.layers", "model.lowrank_linear", "model.lowrank", "model.modeling_nesta_lowrank",
-    "model.registration", "model.calibration",
+    "model.registration", "model.precision", "model.calibration",
     # configuration and the plan
-    "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.timing",
+    "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.rates", "plan.timing",
     # model and data I/O
     "io.storage", "io.weights", "io.sources", "io.packages", "data.corpora", "data.text", "data.selection",
     "data.requestlogs", "data.windows",
@@ -28,8 +28,8 @@ ORDER = [
     "report.markdown", "report.plots", "report.html", "ops.evaluation", "ops.gate", "ops.ratio_search", "ops.metrics",
     "ops.lmeval",
     # the pipeline
-    "pipeline.ray_env", "pipeline.tasks", "pipeline.embedded", "pipeline.layer_host", "pipeline.backends",
-    "pipeline.faults", "pipeline.shard_weights", "pipeline.shard_worker", "pipeline.shard_group", "pipeline.runner",
+    "pipeline.ray_env", "pipeline.tasks", "pipeline.precision", "pipeline.embedded", "pipeline.layer_host",
+    "pipeline.backends", "pipeline.faults", "pipeline.shard_weights", "pipeline.shard_worker", "pipeline.shard_group", "pipeline.runner",
     "pipeline.autoratio", "pipeline.progress", "pipeline.context", "pipeline.job_output", "pipeline.drift_scoring",
     "pipeline.job", "pipeline.dry_run", "pipeline.nightly",
     # entry points

@@ -29,11 +29,17 @@ from nesta_ray.method.guards import lapack
 FIRST = ("svd", "gram")
 RESIDUAL = ("svd", "gram", "randomized")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-# "auto": what scripts/benchmark_factorize.py measured (results/factorize_cpu.md): the short side's Gram eigh beat
-# LAPACK's SVD at every SmolLM2, Gemma-3 and Llama-70B shape within 0.1% loss; the randomized residual beat it when
-# its sketch is small next to the short side.
-AUTO = {"first": "gram", "residual": "randomized", "sketch_share": 0.25}
+# "auto": what scripts/benchmark_factorize.py measured (results/factorize_cpu.md): the short side's Gram eigh was
+# faster than LAPACK's SVD at every SmolLM2 and Gemma-3 shape and within 0.1% of its loss, for both stages. The
+# randomized residual is not chosen: the nested residuals of the real models have flat spectra (σ₁/σ₂₀ ≈ 1.1-1.3),
+# its sketch was never accepted there and, unchecked, it left up to 0.17% more Frobenius loss after 4 iterations.
+AUTO: dict[str, str] = {"first": "gram", "residual": "gram"}
 USV = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]  # U (m, r) or None, σ (r,), Vᵀ (r, n) or None
+
+
+# A job's ``runtime.factorization``: the (whitened stage, residual) methods it names.
+FACTORIZATIONS = {"auto": ("auto", "auto"), "svd": ("svd", "svd"), "gram": ("gram", "gram"),
+                  "gram+randomized": ("gram", "randomized")}
 
 
 @dataclass(frozen=True)
@@ -62,19 +68,25 @@ class Solver:
 
     def first_for(self, m: int, n: int) -> str:
         """The whitened stage's method for an (m, n) weight."""
-        return AUTO["first"] if self.first == "auto" else self.first  # type: ignore[return-value]
+        return AUTO["first"] if self.first == "auto" else self.first
 
     def residual_for(self, m: int, n: int, k2: int) -> str:
         """The residual stage's method for k2 components of an (m, n) residual."""
-        if self.residual != "auto":
-            return self.residual
-        small = k2 + self.oversample <= AUTO["sketch_share"] * min(m, n)  # type: ignore[operator]
-        return "randomized" if small else "gram"
+        return AUTO["residual"] if self.residual == "auto" else self.residual
 
     def label(self, m: int, n: int, k2: int) -> str:
         """How an (m, n) linear with a k2-component residual is factorised, e.g. "cpu float64 gram+randomized"."""
         how = self.first_for(m, n) + (f"+{self.residual_for(m, n, k2)}" if k2 > 0 else "")
         return f"{self.device} {self.dtype} {how}"
+
+
+def solver_for(factorization: str, device: str = "cpu", dtype: str = "float64") -> Solver:
+    """The solver of a job's ``runtime.factorization`` (a key of FACTORIZATIONS) on ``device`` in ``dtype``.
+    Raises ValueError for an unknown name."""
+    if factorization not in FACTORIZATIONS:
+        raise ValueError(f"factorization must be one of {list(FACTORIZATIONS)}, got {factorization!r}")
+    first, residual = FACTORIZATIONS[factorization]
+    return Solver(device, dtype, first, residual)
 
 
 def full_svd(X: torch.Tensor) -> USV:

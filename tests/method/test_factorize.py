@@ -116,12 +116,12 @@ def test_a_failed_eigh_falls_back_to_the_full_svd_and_counts_it(monkeypatch):
         gram_svd(W)
 
 
-def test_auto_picks_the_randomized_residual_only_for_a_small_sketch():
+def test_auto_picks_the_benchmarks_methods_and_an_explicit_choice_wins():
     solver = Solver()
-    assert solver.residual_for(576, 1536, 5) == "randomized"  # 5 + 8 <= 576/4
-    assert solver.residual_for(48, 32, 5) == "gram"
-    assert solver.first_for(576, 1536) == "gram"
+    assert solver.first_for(576, 1536) == solver.residual_for(576, 1536, 5) == "gram"
     assert Solver(first="svd").first_for(576, 1536) == "svd"
+    assert Solver(residual="randomized").residual_for(576, 1536, 5) == "randomized"
+    assert Solver(residual="randomized").label(576, 1536, 5) == "cpu float64 gram+randomized"
     with pytest.raises(ValueError, match="solver"):
         Solver(dtype="float16")
 
@@ -152,7 +152,9 @@ def test_a_group_shares_one_scaling_and_a_scaled_factorisation_moves_between_dev
 def test_the_work_model_counts_the_short_side_and_the_residual():
     svd = flops(8192, 28672, 5097, 25, Solver(first="svd", residual="svd"))
     auto = flops(8192, 28672, 5097, 25, Solver())
-    assert auto["svd"] == 0 and auto["eigh"] == 9.0 * 8192**3 and auto["qr"] > 0
+    sketch = flops(8192, 28672, 5097, 25, Solver(residual="randomized"))
+    assert auto["svd"] == 0 and auto["eigh"] == 2 * 9.0 * 8192**3 and auto["qr"] == 0
+    assert sketch["eigh"] == 9.0 * 8192**3 and sketch["qr"] > 0 and sum(sketch.values()) < sum(auto.values())
     assert svd["svd"] == 2 * (4.0 * 28672 * 8192**2 + 22.0 * 8192**3)
     assert auto["cholesky"] == svd["cholesky"] == 28672**3 / 3
     assert sum(auto.values()) < sum(svd.values())
