@@ -1,4 +1,4 @@
-"""CLI: ``python -m nesta_ray.compress --config FILE [--set key=value ...] [--dry-run] [--export-dense]``.
+"""CLI: ``python -m nesta_ray.compress --config FILE [--set k=v ...] [--dry-run] [--rates FILE] [--export-dense]``
 
 Only argument handling lives here; every ``NestaError`` becomes one line on stderr and exit code 2; a run that
 fails its quality gate is kept but not published, and exits with code 3.
@@ -20,8 +20,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config value, e.g. --set method.ratio=0.3 (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--export-dense", action="store_true", help="also write a plain HF folder under dense/")
+    parser.add_argument("--rates", metavar="FILE", help="a rates file for the time estimate (runtime.rates)")
     args = parser.parse_args(argv)
-    overrides = args.set + (["output.export_dense=true"] if args.export_dense else [])
+    overrides = args.set + (["output.export_dense=true"] if args.export_dense else []) + (
+        [f"runtime.rates={args.rates}"] if args.rates else [])
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:

@@ -19,9 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML job config with a nightly section (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--dry-run", action="store_true", help="print what a night costs, phase by phase, and exit")
+    parser.add_argument("--rates", metavar="FILE", help="a rates file for the time estimate (runtime.rates)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set + ([f"runtime.rates={args.rates}"] if args.rates else []))
         if args.dry_run:
             from nesta_ray.pipeline.dry_run import night_dry_run
 

@@ -26,7 +26,7 @@ ORDER = [
     "checkpoint.reader",
     # reports and operations on a model
     "report.markdown", "report.plots", "report.html", "ops.evaluation", "ops.gate", "ops.ratio_search", "ops.metrics",
-    "ops.lmeval",
+    "ops.lmeval", "ops.rates_probe",
     # the pipeline
     "pipeline.ray_env", "pipeline.tasks", "pipeline.precision", "pipeline.embedded", "pipeline.layer_host",
     "pipeline.backends", "pipeline.faults", "pipeline.shard_weights", "pipeline.shard_worker", "pipeline.shard_group", "pipeline.runner",
