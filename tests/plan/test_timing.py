@@ -76,3 +76,20 @@ def test_the_gram_factorisation_is_planned_cheaper_than_full_svds(llama70b):
     assert svd.decomposition_work["svd"] > 0 and gram.decomposition_flops < svd.decomposition_flops
     assert gram.decomposition_work["cholesky"] == pytest.approx(10 * (3 * 8192**3 + 28672**3) / 3)  # one per group
     assert 0 < gram.gram_flops < gram.calibration_flops and gram.copy_bytes > 0
+
+
+def test_a_rates_file_given_with_the_flag_replaces_the_configs_rates(tmp_path, capsys):
+    from nesta_ray.compress import main as compress_main
+    from nesta_ray.plan.rates import rates_file
+
+    path = tmp_path / "cpu.json"
+    path.write_text(rates_file("CPU twin", {"matmul_gflops": 100.0, "svd_gflops": 1.0}))
+    assert compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run", "--rates",
+                          str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "rates measured (CPU twin; cpu.json)" in out and "assumed" not in out
+    total_h = float(out.split("| total | ")[1].split(" |")[0])
+    assert total_h > 10  # the plan at a CPU's rates is hours, not minutes
+    assert compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run", "--rates",
+                          str(tmp_path / "none.json")]) == 2
+    assert "rates file" in capsys.readouterr().err
