@@ -61,7 +61,7 @@ def _rates(cfg: JobConfig) -> tuple[Rates, str]:
     return rates, rates.label
 
 
-def _shard_lines(cfg: JobConfig, plan: Plan, hf_config: Any, rates: Rates, rates_src: str) -> list[str]:
+def _shard_lines(cfg: JobConfig, plan: Plan, hf_config: Any, rates: Rates) -> list[str]:
     shards = shard_plan(cfg, plan, hf_config)
     times = [shard_time(s, rates) for s in shards]
     gib = lambda b: f"{b / 2**30:,.1f}"  # noqa: E731
@@ -133,8 +133,8 @@ def dry_run(cfg: JobConfig) -> str:
         f"{plan.model_params - plan.params_before + plan.params_after:,}",
     ]
     if cfg.runtime.workers:
-        rates, rates_src = _rates(cfg)
-        lines += _shard_lines(cfg, plan, hf_config, rates, rates_src)
+        rates, _ = _rates(cfg)
+        lines += _shard_lines(cfg, plan, hf_config, rates)
         phases = job_phase_list(cfg, plan, hf_config, rates)
         lines += [phases_table(phases), floor_lines(cfg, plan, hf_config, rates, sum(p.seconds for p in phases))]
     else:
