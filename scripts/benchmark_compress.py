@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sequences, args.eval_windows = 16, 2
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run_variant(v, args, Path(tmp)) for v in args.variants]
+        rows = []
+        for v in args.variants:
+            rows.append(run_variant(v, args, Path(tmp)))
+            print(json.dumps({k: rows[-1][k] for k in ("variant", "compress_total_s", "timings", "perplexity")}),
+                  flush=True)
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count(), "rows": rows,
               "loss_ratios_vs_first": ratios(rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

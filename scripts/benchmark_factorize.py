@@ -23,6 +23,7 @@ stacked Grams of same-shaped linears of one input group against one call each ("
     python scripts/benchmark_factorize.py                     # results/factorize_cpu.{json,md}
     python scripts/benchmark_factorize.py --quick             # 4 windows, first and last layer, no Llama-70B
     python scripts/benchmark_factorize.py --device cuda --out results/gpu/factorize_cuda.json   # every 70B shape
+    python scripts/benchmark_factorize.py --render results/factorize_cpu_quick.json           # tables again
 """
 
 from __future__ import annotations
@@ -211,6 +212,26 @@ def summary(rows: list[dict]) -> list[list]:
     return out
 
 
+def markdown(result: dict) -> str:
+    """The result's tables: every row, the fastest exact-enough float64 method per shape, the batched eigh."""
+    fmt = lambda r: [r["model"], r["layer"], r["linear"], f"{r['shape'][0]}x{r['shape'][1]}", r["rank"],  # noqa: E731
+                     r.get("k2", ""), r["variant"], r["device"], r.get("dtype", ""),
+                     f"{r['seconds']:.3f}" if "seconds" in r else "skipped",
+                     f"{r['loss_ratio']:.6f}" if "seconds" in r else "", f"{r['frob_ratio']:.6f}" if "seconds" in r
+                     else "", json.dumps(r.get("fallbacks", r.get("skipped", "")))]
+    md = [f"torch {result['torch']}, {result['threads']} threads, device {result['args']['device']}, "
+          f"load average {result['loadavg_1min_before_after']}", "",
+          table(["model", "layer", "linear", "shape", "rank", "k2", "variant", "device", "dtype", "seconds",
+                 "loss ratio", "frob ratio", "fallbacks / skipped"], [fmt(r) for r in result["rows"]]), "",
+          "Fastest float64 variant within 0.1% of the reference on both losses (mean seconds over a shape's linears):",
+          "", table(["model", "shape", "linears", "fastest exact enough", "s", "svd+svd s", "speedup"],
+                    summary(result["rows"])), "", "Batched eigh of same-shaped Grams:", "",
+          table(["model", "layer", "group", "shape", "count", "single s", "batched s"],
+                [[b["model"], b["layer"], b["group"], f"{b['shape'][0]}x{b['shape'][1]}", b["count"], b["single_s"],
+                  b["batched_s"]] for b in result["batched_eigh"]])]
+    return "\n".join(md) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["smollm2", "gemma3", "llama70b"])
@@ -222,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="4 windows, first and last layer, no Llama-70B shapes")
     p.add_argument("--out", default="results/factorize_cpu.json")
+    p.add_argument("--render", default=None, help="write the tables of this result JSON beside it (.md) and exit")
     args = p.parse_args(argv)
+    if args.render:
+        Path(args.render).with_suffix(".md").write_text(markdown(json.loads(Path(args.render).read_text())))
+        return 0
     if args.quick:
         args.windows, args.repeat, args.models = 4, 1, [m for m in args.models if m != "llama70b"]
     torch.set_num_threads(args.threads)
@@ -239,22 +264,8 @@ def main(argv: list[str] | None = None) -> int:
               "loadavg_1min_before_after": load, "rows": rows, "batched_eigh": batches}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    fmt = lambda r: [r["model"], r["layer"], r["linear"], f"{r['shape'][0]}x{r['shape'][1]}", r["rank"],  # noqa: E731
-                     r.get("k2", ""), r["variant"], r["device"], r.get("dtype", ""),
-                     f"{r['seconds']:.3f}" if "seconds" in r else "skipped",
-                     f"{r['loss_ratio']:.6f}" if "seconds" in r else "", f"{r['frob_ratio']:.6f}" if "seconds" in r
-                     else "", json.dumps(r.get("fallbacks", r.get("skipped", "")))]
-    md = [f"torch {torch.__version__}, {args.threads} threads, device {args.device}, load average {load}", "",
-          table(["model", "layer", "linear", "shape", "rank", "k2", "variant", "device", "dtype", "seconds",
-                 "loss ratio", "frob ratio", "fallbacks / skipped"], [fmt(r) for r in rows]), "",
-          "Fastest float64 variant within 0.1% of the reference on both losses (mean seconds over a shape's linears):",
-          "", table(["model", "shape", "linears", "fastest exact enough", "s", "svd+svd s", "speedup"],
-                    summary(rows)), "", "Batched eigh of same-shaped Grams:", "",
-          table(["model", "layer", "group", "shape", "count", "single s", "batched s"],
-                [[b["model"], b["layer"], b["group"], f"{b['shape'][0]}x{b['shape'][1]}", b["count"], b["single_s"],
-                  b["batched_s"]] for b in batches])]
-    Path(args.out).with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    Path(args.out).with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
     return 0
 
 

@@ -275,7 +275,7 @@ class RuntimeConfig(_Strict):
                                             "or the rates themselves (default: measured on this machine)")
     factorization: Literal["auto", "svd", "gram", "gram+randomized"] = Field(
         "auto", description="how linears are factorised: auto (the fastest exact-enough method per shape, "
-        "results/factorize_cpu.md), svd (LAPACK's full SVDs), gram (the short side's Gram eigh), gram+randomized "
+        "results/factorize_cpu_quick.md), svd (LAPACK's full SVDs), gram (the short side's Gram eigh), gram+randomized "
         "(and a checked randomized sketch for the nested residual)")
     decompose_precision: Literal["auto", "float64", "float32"] = Field(
         "auto", description="the decomposition's precision: auto (float64 where the device runs it fast: CPUs and "

@@ -29,10 +29,11 @@ from nesta_ray.method.guards import lapack
 FIRST = ("svd", "gram")
 RESIDUAL = ("svd", "gram", "randomized")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-# "auto": what scripts/benchmark_factorize.py measured (results/factorize_cpu.md): the short side's Gram eigh was
-# faster than LAPACK's SVD at every SmolLM2 and Gemma-3 shape and within 0.1% of its loss, for both stages. The
-# randomized residual is not chosen: the nested residuals of the real models have flat spectra (σ₁/σ₂₀ ≈ 1.1-1.3),
-# its sketch was never accepted there and, unchecked, it left up to 0.17% more Frobenius loss after 4 iterations.
+# "auto": what scripts/benchmark_factorize.py --quick measured on SmolLM2 (results/factorize_cpu_quick.md, a loaded
+# machine): the short side's Gram eigh matched LAPACK's SVD within 0.1% in both losses on every linear and was
+# 2.0-2.5x faster at 576x576 and 1536x576; at 192x576 (k/v) the SVD was as fast or faster, inside that run's noise,
+# so one method is kept for every shape until the idle-machine run decides. The randomized residual is not chosen:
+# the real nested residuals have flat spectra (σ₁/σ₂₀ ≈ 1.1-1.3) and its sketch was accepted on none of 9.
 AUTO: dict[str, str] = {"first": "gram", "residual": "gram"}
 USV = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]  # U (m, r) or None, σ (r,), Vᵀ (r, n) or None
 

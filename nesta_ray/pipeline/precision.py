@@ -2,9 +2,9 @@
 
 float64 where the device runs it fast, float32 where it does not:
 
-* a CPU: float64. scripts/benchmark_factorize.py measured LAPACK's float64 factorisations at 0.5-0.7x the time
-  of float32 ones at nesta_ray's shapes, while float32 cost up to 5% whitened loss on SmolLM2's first layer
-  (results/factorize_cpu.md): the saving is not worth the error.
+* a CPU: float64. scripts/benchmark_factorize.py --quick (results/factorize_cpu_quick.md) found float32 faster
+  on most shapes but up to 6% worse in whitened loss on SmolLM2's first layer (o_proj; q_proj 2%), far outside
+  the 0.1% the factorisations are held to: the saving is not worth the error.
 * a GPU: measured when the worker starts: float64 when a float64 matrix product runs at least ``FP64_SHARE`` of
   the float32 rate (TF32 off). GPUs with float64 tensor cores (A100, H100, H200: 1:1 to 1:2) pass; consumer and
   inference GPUs (1:32 to 1:64) take float32, whose error bound is the benchmark's float32 rows.
@@ -53,7 +53,7 @@ def decompose_precision(device: torch.device, requested: str = "auto") -> tuple[
     if requested != "auto":
         return requested, "runtime.decompose_precision"
     if device.type != "cuda":
-        return "float64", f"{device.type}: float64 (the CPU policy, results/factorize_cpu.md)"
+        return "float64", f"{device.type}: float64 (the CPU policy, results/factorize_cpu_quick.md)"
     share = fp64_share(device)
     dtype = "float64" if share >= FP64_SHARE else "float32"
     return dtype, (f"{torch.cuda.get_device_name(device)}: float64 matmul at {share:.2f}x the float32 rate "
