@@ -15,6 +15,7 @@ The variants run in the order given, one after another, the 1-minute load averag
     python scripts/benchmark_compress.py                       # results/compress_cpu.{json,md}
     python scripts/benchmark_compress.py --quick               # 16 sequences, 2 evaluation windows per set
     python scripts/benchmark_compress.py --variants before gram
+    python scripts/benchmark_compress.py --render results/compress_cpu_quick.json   # tables again
 """
 
 from __future__ import annotations
@@ -67,6 +68,22 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def markdown(result: dict) -> str:
+    """The result's tables: per variant its seconds and perplexities, then the per-linear loss ratios."""
+    rows = result["rows"]
+    ppl = lambda r: ", ".join(f"{k} {v['compressed']['perplexity']:.2f}" for k, v in (r["perplexity"] or {}).items())  # noqa: E731
+    md = [table(["variant", "compress_total s", "calibration s", "decomposition wait s", "wall s", "perplexity",
+                 "load avg before/after"],
+                [[r["variant"], r["compress_total_s"], r["timings"].get("calibration", ""),
+                  r["timings"].get("decomposition_wait", ""), r["wall_s"], ppl(r),
+                  "/".join(f"{x:.1f}" for x in r["loadavg_1min_before_after"])] for r in rows]), "",
+          f"whitened loss per linear over {rows[0]['variant']}'s:", "",
+          table(["variant", "linears", "min", "mean", "max", "over +0.1%"],
+                [[v, s["linears"], f"{s['min']:.6f}", f"{s['mean']:.6f}", f"{s['max']:.6f}", s["over_0.1%"]]
+                 for v, s in result["loss_ratios_vs_first"].items()])]
+    return "\n".join(md) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/smollm2-135m.yaml")
@@ -75,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=0, help="windows per evaluation set (0: the config's)")
     p.add_argument("--quick", action="store_true", help="16 sequences, 2 evaluation windows per set")
     p.add_argument("--out", type=Path, default=Path("results/compress_cpu.json"))
+    p.add_argument("--render", type=Path, default=None, help="write the tables of this result JSON beside it, exit")
     args = p.parse_args(argv)
+    if args.render:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        return 0
     if args.quick:
         args.sequences, args.eval_windows = 16, 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,18 +109,8 @@ def main(argv: list[str] | None = None) -> int:
               "loss_ratios_vs_first": ratios(rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    ppl = lambda r: ", ".join(f"{k} {v['compressed']:.2f}" for k, v in (r["perplexity"] or {}).items())  # noqa: E731
-    md = [table(["variant", "compress_total s", "calibration s", "decomposition wait s", "wall s", "perplexity",
-                 "load avg before/after"],
-                [[r["variant"], r["compress_total_s"], r["timings"].get("calibration", ""),
-                  r["timings"].get("decomposition_wait", ""), r["wall_s"], ppl(r),
-                  "/".join(f"{x:.1f}" for x in r["loadavg_1min_before_after"])] for r in rows]), "",
-          f"whitened loss per linear over {rows[0]['variant']}'s:", "",
-          table(["variant", "linears", "min", "mean", "max", "over +0.1%"],
-                [[v, s["linears"], f"{s['min']:.6f}", f"{s['mean']:.6f}", f"{s['max']:.6f}", s["over_0.1%"]]
-                 for v, s in result["loss_ratios_vs_first"].items()])]
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
     return 0
 
 
