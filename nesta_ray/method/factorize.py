@@ -32,7 +32,8 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # "auto": what scripts/benchmark_factorize.py --quick measured on SmolLM2 (results/factorize_cpu_quick.md, a loaded
 # machine): the short side's Gram eigh matched LAPACK's SVD within 0.1% in both losses on every linear and was
 # 2.0-2.5x faster at 576x576 and 1536x576; at 192x576 (k/v) the SVD was as fast or faster, inside that run's noise,
-# so one method is kept for every shape until the idle-machine run decides. The randomized residual is not chosen:
+# so one method is kept for every shape until the idle-machine run decides; on Gemma-3 (factorize_cpu_quick_gemma3.md)
+# it was the fastest at all five shapes (1.8-12x). The randomized residual is not chosen:
 # the real nested residuals have flat spectra (σ₁/σ₂₀ ≈ 1.1-1.3) and its sketch was accepted on none of 9.
 AUTO: dict[str, str] = {"first": "gram", "residual": "gram"}
 USV = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]  # U (m, r) or None, σ (r,), Vᵀ (r, n) or None
