@@ -1,4 +1,4 @@
-"""CLI: ``python -m nesta_ray.compress --config FILE [--set key=value ...] [--dry-run] [--export-dense]``.
+"""CLI: ``python -m nesta_ray.compress --config FILE [--set k=v ...] [--dry-run] [--rates FILE] [--export-dense]``
 
 Only argument handling lives here; every ``NestaError`` becomes one line on stderr and exit code 2 (``cli``); a run
 that fails its quality gate is kept but not published, and exits with code 3. What it prints is redacted (URI
@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="check what the job reads and writes, print the plan "
                         "and exit")
     parser.add_argument("--export-dense", action="store_true", help="also write a plain HF folder under dense/")
+    parser.add_argument("--rates", metavar="FILE", help="a rates file for the time estimate (runtime.rates)")
     args = parser.parse_args(argv)
-    overrides = args.set + (["output.export_dense=true"] if args.export_dense else [])
+    overrides = args.set + (["output.export_dense=true"] if args.export_dense else []) + (
+        [f"runtime.rates={args.rates}"] if args.rates else [])
     secrets: set[str] = set()
     try:
         raw = apply_overrides(read_raw(args.config), overrides)

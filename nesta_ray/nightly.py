@@ -21,10 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--dry-run", action="store_true", help="check what a night reads and writes, print what it "
                         "costs, phase by phase, and exit")
+    parser.add_argument("--rates", metavar="FILE", help="a rates file for the time estimate (runtime.rates)")
     args = parser.parse_args(argv)
     secrets: set[str] = set()
     try:
-        raw = apply_overrides(read_raw(args.config), args.set)
+        overrides = args.set + ([f"runtime.rates={args.rates}"] if args.rates else [])
+        raw = apply_overrides(read_raw(args.config), overrides)
         secrets = secrets_of(raw)
         cfg = validate(raw)
         from nesta_ray.io.sources import quiet_loading

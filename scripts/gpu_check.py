@@ -12,11 +12,18 @@ On a random 4-layer Llama (hidden 512) saved as safetensors, one shard holding e
   nccl                     the backend DeepSpeed initialised for the shard's world of size 1, and an all_reduce
   ray_placement            compress_sharded with one shard on a local Ray: a GPU bundle when there is a GPU, and
                            the actor's device
-Comparisons: Grams and factors bit-identical between the backends on one device, and the max relative difference
-of Grams and of A·B between GPU and CPU. Writes JSON to --out (default: $OUT/gpu_check.json if $OUT is set, else
-results/gpu_check.json) and exits 1 if a check failed or a comparison that must be exact was not.
+  decompose_70b            nsvd1 (ratio 0.2) on seeded synthetic weights and Grams of Llama-3-70B's shapes
+                           (8192x8192, 1024x8192, 28672x8192, 8192x28672) on the GPU in float64 and float32 (the
+                           job's factorisation): seconds, and the whitened loss relative to float64 (CPU: skipped,
+                           its full fp64 factorisations take tens of minutes there)
+  rates                    every rate the plan uses, measured on the GPU (nesta_ray/ops/rates_probe.py), written
+                           as a rates file to --rates-out for ``--rates FILE`` (default: beside --out)
+Comparisons: Grams and factors bit-identical between the backends on one device, the max relative difference of
+Grams and of A·B between GPU and CPU, and the whitened loss's relative difference per linear. Writes JSON to --out
+(default: $OUT/gpu_check.json if $OUT is set, else results/gpu_check.json) and exits 1 if a check failed or a
+comparison that must be exact was not.
 
-    python scripts/gpu_check.py [--out PATH] [--nvme-path DIR]
+    python scripts/gpu_check.py [--out PATH] [--nvme-path DIR] [--rates-out PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -34,18 +41,22 @@ import torch
 
 from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.io.sources import ModelSource
-from nesta_ray.method.decompose import Method
+from nesta_ray.method.decompose import InputStats, Method, decompose
+from nesta_ray.method.factorize import Solver
+from nesta_ray.method.ranks import rank_for_ratio
 from nesta_ray.model.arch import arch_for
 from nesta_ray.pipeline import backends
 from nesta_ray.pipeline.backends import BackendSpec, ShardPart
 from nesta_ray.pipeline.shard_worker import LayerShard, ShardOptions
 from nesta_ray.pipeline.tasks import Work
 from nesta_ray.plan.linears import make_plan
+from nesta_ray.plan.rates import rates_file
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHOD = Method("nsvd1", k1_tolerance=None)
 THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 LAYERS = 4
+SHAPES_70B = [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]
 
 
 def tiny_folder(folder: Path) -> str:
@@ -85,6 +96,7 @@ def run_shard(folder: str, plan, ids: torch.Tensor, scratch: Path, name: str, sp
     shard.close()
     staged = {k: v for i in range(LAYERS) for k, v in stage.get(i).items()}
     return {"grams": grams, "factors": {k: (v.A, v.B) for k, v in staged.items()},
+            "losses": {k: v.loss for k, v in staged.items()},
             "report": {"status": "ok", "device": summary["device"], "seconds": round(time.perf_counter() - start, 2),
                        "peak_device_bytes": summary["peak_device_bytes"], **extra}}
 
@@ -99,12 +111,46 @@ def compare(a: dict, b: dict) -> dict:
         prod_rel = max(prod_rel, float((got - ref).abs().max() / ref.abs().max()))
     out = {"factors_identical": all(torch.equal(a["factors"][k][0], b["factors"][k][0])
                                     and torch.equal(a["factors"][k][1], b["factors"][k][1]) for k in b["factors"]),
-           "AB_max_rel_diff": prod_rel, "grams_identical": None, "grams_max_rel_diff": None}
+           "AB_max_rel_diff": prod_rel, "grams_identical": None, "grams_max_rel_diff": None,
+           "loss_rel_diff": {k: a["losses"][k] / b["losses"][k] - 1 if b["losses"][k] else 0.0 for k in b["losses"]}}
     if a["grams"]:
         out["grams_identical"] = all(torch.equal(a["grams"][k], b["grams"][k]) for k in b["grams"])
         out["grams_max_rel_diff"] = max(float((a["grams"][k] - b["grams"][k]).abs().max() / b["grams"][k].abs().max())
                                         for k in b["grams"])
     return out
+
+
+def decompose_70b(shapes: list[tuple[int, int]]) -> dict:
+    """Each 70B shape decomposed on the GPU in float64 and float32 (seeded synthetic weight and Gram)."""
+    rows = []
+    for m, n in shapes:
+        g = torch.Generator().manual_seed(m + n)
+        W = torch.randn(m, n, generator=g) * torch.logspace(0, -1, n) / n**0.5
+        Z = torch.randn(n, 64, generator=g, dtype=torch.float64)
+        G = torch.diag(torch.logspace(0, -3, n, dtype=torch.float64)) + Z @ Z.T / 64
+        rank, stats, out = rank_for_ratio(m, n, 0.2), InputStats(G.cuda(), None, 1), {}
+        for dtype in ("float64", "float32"):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            f = decompose(W, Method("nsvd1", k1_tolerance=0.02), rank, stats, solver=Solver("cuda", dtype))
+            torch.cuda.synchronize()
+            out[dtype] = {"seconds": round(time.perf_counter() - start, 3), "loss": f.loss, "k2": f.k2,
+                          "solver": f.solver, "fallbacks": {k: v for k, v in f.fallbacks.items() if v}}
+        out["float32"]["loss_vs_float64"] = out["float32"]["loss"] / out["float64"]["loss"] - 1
+        rows.append({"shape": [m, n], "rank": rank, **out})
+        print("decompose_70b", json.dumps(rows[-1])[:300], flush=True)
+    return {"report": {"status": "ok", "rows": rows}}
+
+
+def measured_rates(out: Path) -> dict:
+    """The GPU's rates file (nesta_ray/ops/rates_probe.py), n = 8192 like Llama-3-70B's hidden size."""
+    from nesta_ray.ops.rates_probe import measure
+
+    with tempfile.TemporaryDirectory() as scratch:
+        rates, extra = measure(torch.device("cuda"), "bfloat16", torch.float64, 8192, 2.0, scratch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(rates_file(torch.cuda.get_device_name(0), rates, extra))
+    return {"report": {"status": "ok", "file": str(out), "rates": rates}}
 
 
 def nvme_available() -> tuple[bool, str]:
@@ -132,6 +178,7 @@ def ray_placement(folder: str, plan, ids: torch.Tensor, scratch: Path, cuda: boo
         ray.shutdown()
     staged = {k: v for i in range(LAYERS) for k, v in stage.get(i).items()}
     return {"factors": {k: (v.A, v.B) for k, v in staged.items()}, "grams": {},
+            "losses": {k: v.loss for k, v in staged.items()},
             "report": {"status": "ok", "device": out["actors"][0]["device"], "gpu_bundle": cuda,
                        "peak_device_bytes": out["actors"][0]["peak_device_bytes"]}}
 
@@ -141,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("results")
     p.add_argument("--out", type=Path, default=out_dir / "gpu_check.json")
     p.add_argument("--nvme-path", default=None, help="folder for the NVMe offload check (default: a temp folder)")
+    p.add_argument("--rates-out", type=Path, default=None, help="the measured rates file (default: beside --out)")
+    p.add_argument("--quick", action="store_true", help="decompose_70b on the two smaller shapes only")
     args = p.parse_args(argv)
+    rates_out = args.rates_out or args.out.with_name("rates_" + (torch.cuda.get_device_name(0).replace(" ", "_")
+                                                                 if torch.cuda.is_available() else "cpu") + ".json")
     cuda = torch.cuda.is_available()
     report: dict = {"torch": torch.__version__, "cuda": cuda,
                     "gpu": torch.cuda.get_device_name(0) if cuda else None, "checks": {}, "comparisons": {}}
@@ -190,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
             attempt("cpu_deepspeed", lambda: run_shard(folder, plan, ids, scratch, "cpu-ds",
                                                        BackendSpec("deepspeed", "cpu"), "cpu"))
         report["checks"]["nccl"] = nccl_check() if cuda else skip
+        if cuda:
+            attempt("decompose_70b", lambda: decompose_70b(SHAPES_70B[:2] if args.quick else SHAPES_70B))
+            attempt("rates", lambda: measured_rates(rates_out))
+        else:
+            report["checks"]["decompose_70b"] = {"status": "skipped", "reason": "no CUDA device (on this CPU the "
+                                                 "full fp64 factorisations take tens of minutes: see "
+                                                 "scripts/benchmark_factorize.py)"}
+            report["checks"]["rates"] = {"status": "skipped", "reason": "no CUDA device: scripts/cpu_rates.py"}
         attempt("ray_placement", lambda: ray_placement(folder, plan, ids, scratch, cuda))
 
     must_match = [("gpu_layerwise_streamed", "gpu_layerwise"), ("gpu_deepspeed_cpu", "gpu_layerwise"),

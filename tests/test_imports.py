@@ -11,12 +11,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nesta_ray"
 ORDER = [
     "errors", "redaction",
     # pure math: the method
-    "method.tensors", "method.guards", "method.ranks", "method.whitening", "method.decompose", "method.drift",
+    "method.tensors", "method.guards", "method.ranks", "method.whitening", "method.factorize", "method.decompose",
+    "method.drift",
     # the model's structure and calibration
     "model.arch", "model.layers", "model.lowrank_linear", "model.lowrank", "model.modeling_nesta_lowrank",
-    "model.registration", "model.calibration",
+    "model.registration", "model.precision", "model.calibration",
     # configuration and the plan
-    "config.validators", "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.timing",
+    "config.validators", "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.rates", "plan.timing",
     # model and data I/O
     "io.storage", "io.weights", "io.sources", "io.packages", "data.corpora", "data.text", "data.selection",
     "data.requestlogs", "data.windows",
@@ -25,10 +26,11 @@ ORDER = [
     "checkpoint.reader",
     # reports and operations on a model
     "report.markdown", "report.plots", "report.html", "ops.evaluation", "ops.gate", "ops.ratio_search", "ops.metrics",
-    "ops.lmeval",
+    "ops.lmeval", "ops.rates_probe",
     # the pipeline
-    "pipeline.preflight", "pipeline.ray_env", "pipeline.tasks", "pipeline.embedded", "pipeline.layer_host", "pipeline.backends",
-    "pipeline.faults", "pipeline.shard_weights", "pipeline.shard_worker", "pipeline.shard_group", "pipeline.runner",
+    "pipeline.preflight", "pipeline.ray_env", "pipeline.tasks", "pipeline.precision", "pipeline.embedded",
+    "pipeline.layer_host", "pipeline.backends", "pipeline.faults", "pipeline.shard_weights", "pipeline.shard_worker",
+    "pipeline.shard_group", "pipeline.runner",
     "pipeline.autoratio", "pipeline.progress", "pipeline.context", "pipeline.job_output", "pipeline.drift_scoring",
     "pipeline.job", "pipeline.dry_run", "pipeline.nightly",
     # entry points

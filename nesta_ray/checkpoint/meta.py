@@ -4,6 +4,7 @@ fields in format v1 and v2)."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,8 @@ from nesta_ray.method.decompose import Factors, Method
 @dataclass(frozen=True)
 class LinearRecord:
     """One compressed linear as nesta.json records it: rank, shape (out, in), nested split, whitened loss (absolute
-    and relative to tr(W·G·Wᵀ)), numerical fallback counts and decomposition seconds."""
+    and relative to tr(W·G·Wᵀ)), numerical fallback counts, decomposition seconds, and where and how it was
+    factorised (``solver``: device, precision, methods; empty in runs written before it was recorded)."""
 
     rank: int
     shape: tuple[int, int]
@@ -27,11 +29,13 @@ class LinearRecord:
     relative_loss: float
     fallbacks: dict[str, int]
     seconds: float
+    solver: str = ""
 
     @classmethod
     def of(cls, f: Factors, shape: tuple[int, int]) -> LinearRecord:
         """The record of decomposed factors ``f`` of an (out, in) = ``shape`` linear."""
-        return cls(f.rank, shape, f.k1, f.k2, f.loss, f.relative_loss, dict(f.fallbacks), round(f.seconds, 4))
+        return cls(f.rank, shape, f.k1, f.k2, f.loss, f.relative_loss, dict(f.fallbacks), round(f.seconds, 4),
+                   f.solver)
 
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "shape": list(self.shape)}
@@ -62,6 +66,7 @@ class RunMeta:
             "k1_fraction": self.method.k1_fraction, "k1_tolerance": self.method.k1_tolerance,
             "damping": self.method.damping, "alpha": self.method.alpha,
             "modules": {name: r.as_dict() for name, r in self.modules.items()},
+            "solvers": dict(Counter(r.solver for r in self.modules.values())),  # linears per device/precision/method
             "tied": self.tied, "parameters": self.parameters, "fallbacks": self.fallbacks,
             "fingerprints": self.fingerprints,
         }
@@ -89,4 +94,4 @@ class RunMeta:
 def _record(r: Mapping[str, Any]) -> LinearRecord:
     m, n = r["shape"]
     return LinearRecord(int(r["rank"]), (int(m), int(n)), int(r["k1"]), int(r["k2"]), float(r["loss"]),
-                        float(r["relative_loss"]), dict(r["fallbacks"]), float(r["seconds"]))
+                        float(r["relative_loss"]), dict(r["fallbacks"]), float(r["seconds"]), str(r.get("solver", "")))

@@ -174,6 +174,9 @@ class CalibrationConfig(TextSource):
         "original", description="original: statistics of the dense model; propagate: inputs pass through layers "
         "already compressed"
     )
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the calibration forward and the Gram products: float32, or bfloat16 (autocast "
+        "forward, bfloat16 inputs to float32-accurate Gram products; nesta_ray/model/precision.py)")
 
     @model_validator(mode="before")
     @classmethod
@@ -283,9 +286,16 @@ class RuntimeConfig(_Strict):
                                            "exceeds it")
     host_memory_gb: float | None = Field(None, gt=0,
                                          description="host memory per worker; the plan refuses a job that exceeds it")
-    rates: RatesConfig | None = Field(None,
-                                      description="throughputs for the time estimate (default: measured on this "
-                                      "machine)")
+    rates: RatesConfig | str | None = Field(None, description="throughputs for the time estimate: a rates file "
+                                            "(scripts/gpu_check.py, scripts/cpu_rates.py; nesta_ray/plan/rates.py) "
+                                            "or the rates themselves (default: measured on this machine)")
+    factorization: Literal["auto", "svd", "gram", "gram+randomized"] = Field(
+        "auto", description="how linears are factorised: auto (the fastest exact-enough method per shape, "
+        "results/factorize_cpu_quick.md), svd (LAPACK's full SVDs), gram (the short side's Gram eigh), gram+randomized "
+        "(and a checked randomized sketch for the nested residual)")
+    decompose_precision: Literal["auto", "float64", "float32"] = Field(
+        "auto", description="the decomposition's precision: auto (float64 where the device runs it fast: CPUs and "
+        "GPUs with float64 tensor cores; float32 elsewhere; nesta_ray/pipeline/precision.py), float64 or float32")
     backend: Literal["layerwise", "deepspeed"] = Field(
         "layerwise", description="how a layer shard runs its forward: layerwise (its layers read from safetensors, "
         "one layer on the device at a time) or deepspeed (ZeRO-Inference: ZeRO stage 3 with parameters offloaded; "
@@ -359,6 +369,8 @@ class JobConfig(_Strict):
         """sha256 of everything that changes the factors: model source, method and calibration settings."""
         payload = {"model": self.model.model_dump(exclude={"cache_dir", "storage_options"}),
                    "method": self.method.model_dump(),
+                   "decomposition": {"factorization": self.runtime.factorization,
+                                     "precision": self.runtime.decompose_precision},
                    "calibration": self.calibration.model_dump(exclude={"logs": {"storage_options"}})}
         return hashlib.sha256(repr(sorted(_flatten(payload).items())).encode()).hexdigest()
 

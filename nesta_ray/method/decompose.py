@@ -9,8 +9,9 @@ Pure torch: no I/O, no Ray, no transformers. Conventions:
   S·Sᵀ = G: the mean squared output error per calibration token.
 
 A ``Method`` (frozen) carries every knob from the config to ``decompose``; adding a method touches this module,
-its config literal and its tests. All arithmetic runs in float64. Nothing non-finite leaves this module:
-``NumericalError`` is raised instead.
+its config literal and its tests. A ``Solver`` (``factorize``) says where the arithmetic runs, at which precision
+(float64 unless the device's policy chose float32) and by which factorisation. Nothing non-finite leaves this
+module: ``NumericalError`` is raised instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Literal, get_args
 import torch
 
 from nesta_ray.errors import NumericalError
-from nesta_ray.method.guards import check_finite, lapack
+from nesta_ray.method.factorize import USV, Solver, full_svd, residual_factors, spectrum, truncate
+from nesta_ray.method.guards import check_finite
 from nesta_ray.method.ranks import k1_by_tolerance, split_rank
 from nesta_ray.method.tensors import NumpyPickled
 from nesta_ray.method.whitening import Whitening, diagonal_scaling, whiten
@@ -34,7 +36,6 @@ METHODS: tuple[str, ...] = get_args(MethodName)
 # The input scaling each method applies before its SVD: none, ASVD's diagonal, or a whitening of the Gram.
 SCALING_OF: dict[str, str | None] = {"svd": None, "asvd0": "diagonal", "asvd1": "cholesky", "asvd2": "eigen",
                                      "nsvd1": "cholesky", "nsvd2": "eigen"}
-USV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # thin SVD: U (m, r), σ (r,), Vᵀ (r, n), r = min(m, n)
 
 
 def is_nested(name: str) -> bool:
@@ -87,19 +88,19 @@ class Method:
         """The input scaling applied before the SVD: None, "diagonal", "cholesky" or "eigen"."""
         return SCALING_OF[self.name]
 
-    def scaling(self, stats: InputStats | None) -> Whitening | None:
-        """The input scaling this method needs, from a layer input's statistics. Raises ValueError when the
-        statistic it needs is missing, NumericalError as ``whiten``."""
+    def scaling(self, stats: InputStats | None, dtype: torch.dtype = torch.float64) -> Whitening | None:
+        """The input scaling this method needs, from a layer input's statistics, in ``dtype`` on their device.
+        Raises ValueError when the statistic it needs is missing, NumericalError as ``whiten``."""
         kind = self.scaling_kind
         if kind is None:
             return None
         if kind == "diagonal":
             if stats is None or stats.abs_mean is None:
                 raise ValueError(f"method {self.name} needs the activation abs-mean statistics")
-            return diagonal_scaling(stats.abs_mean, self.alpha, self.damping)
+            return diagonal_scaling(stats.abs_mean, self.alpha, self.damping, dtype)
         if stats is None or stats.gram is None:
             raise ValueError(f"method {self.name} needs the Gram matrix of the layer inputs")
-        return whiten(stats.gram, kind, self.damping)
+        return whiten(stats.gram, kind, self.damping, dtype)
 
     def planned_split(self, rank: int) -> tuple[int, int] | None:
         """(k1, k2) when the rank alone fixes them; None when k1 is chosen per matrix from the whitened spectrum."""
@@ -121,11 +122,22 @@ class Method:
 
 @dataclass(frozen=True)
 class Scaled:
-    """A linear's input scaling and the thin SVD of its scaled weight W·S (of W itself without a scaling): computed
-    once per linear, they serve every rank, since σᵢ² is the exact loss of dropping component i."""
+    """A linear's input scaling and a factorisation of its scaled weight W·S (of W itself without a scaling): the
+    thin SVD, or σ with the short side's singular vectors only (``factorize``); computed once per linear, they serve
+    every rank, since σᵢ² is the exact loss of dropping component i. ``fallbacks`` counts the factorisation's."""
 
     whitening: Whitening | None
     usv: USV
+    fallbacks: dict[str, int] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> Scaled:
+        """The same on ``device`` (tensors moved; nothing copied where they already are)."""
+        wh = self.whitening
+        if wh is not None:
+            wh = dataclasses.replace(wh, **{k: getattr(wh, k).to(device) for k in ("S", "Q", "root")
+                                            if getattr(wh, k) is not None})
+        usv = tuple(t.to(device) if t is not None else None for t in self.usv)
+        return Scaled(wh, usv, dict(self.fallbacks))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -134,7 +146,8 @@ class Factors(NumpyPickled):
 
     ``A`` (m, k) and ``B`` (k, n) with k = k1 + k2 (k2 = 0 unless nested); ``loss`` is the whitened loss of A·B
     under the undamped Gram (plain Frobenius loss when no Gram was given); ``relative_loss`` divides it by
-    tr(W·G·Wᵀ); ``fallbacks`` counts the numerical fallbacks of its scaling; ``seconds`` is the time it took.
+    tr(W·G·Wᵀ); ``fallbacks`` counts the numerical fallbacks of its scaling and factorisation; ``seconds`` is the
+    time it took; ``solver`` says where and how it was factorised.
     Pickles its tensors as numpy arrays (``NumpyPickled``).
     """
 
@@ -146,6 +159,7 @@ class Factors(NumpyPickled):
     relative_loss: float
     fallbacks: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    solver: str = ""  # where and how it was factorised, e.g. "cpu float64 gram+randomized" (Solver.label)
 
     @property
     def rank(self) -> int:
@@ -162,45 +176,47 @@ class Factors(NumpyPickled):
         return cls(A=A, B=B, **stats)  # type: ignore[arg-type]
 
 
-def _svd(M: torch.Tensor) -> USV:
-    U, s, Vh = lapack("svd", lambda x: torch.linalg.svd(x, full_matrices=False), M)  # (m, r), (r,), (r, n)
-    return U, s, Vh
-
-
-def _truncate(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced factors U_k·√Σ_k (m, k) and √Σ_k·V_kᵀ (k, n)."""
-    root = torch.sqrt(s[:k])
-    return U[:, :k] * root, root[:, None] * Vh[:k]
-
-
 def whitened_svd(W: torch.Tensor, wh: Whitening) -> USV:
     """Thin SVD (U (m, r), σ (r,), Vᵀ (r, n)) of W·S in float64, r = min(m, n). One per matrix serves every rank:
     σ_i² is the exact whitened loss of dropping the i-th component. Raises NumericalError for non-finite input."""
     check_finite("weight", W)
-    return _svd(wh.apply(W.detach().to(torch.float64)))
+    return full_svd(wh.apply(W.detach().to(torch.float64)))
+
+
+def on_solver(stats: InputStats | None, solver: Solver) -> InputStats | None:
+    """``stats`` on the solver's device in its dtype (the same tensors where they already are)."""
+    if stats is None:
+        return None
+    move = lambda t: None if t is None else t.to(solver.device, solver.torch_dtype)  # noqa: E731
+    return InputStats(move(stats.gram), move(stats.abs_mean), stats.tokens)
 
 
 def scale(W: torch.Tensor, method: Method, stats: InputStats | None = None,
-          whitening: Whitening | None = None) -> Scaled:
-    """The method's scaling of W (m, n) (``whitening`` if given, e.g. shared by a group) and the SVD of W·S.
-    Raises ValueError / NumericalError as ``Method.scaling`` and ``whitened_svd``."""
-    wh = whitening if whitening is not None else method.scaling(stats)
-    if wh is None:
-        check_finite("weight", W)
-        return Scaled(None, _svd(W.detach().to(torch.float64)))
-    return Scaled(wh, whitened_svd(W, wh))
+          whitening: Whitening | None = None, solver: Solver | None = None) -> Scaled:
+    """The method's scaling of W (m, n) (``whitening`` if given, e.g. shared by a group, on the solver's device)
+    and the solver's factorisation of W·S, both where and as ``solver`` says (default: the CPU in float64).
+    Raises ValueError / NumericalError as ``Method.scaling`` and ``factorize.spectrum``."""
+    solver = solver or Solver()
+    wh = whitening if whitening is not None else method.scaling(on_solver(stats, solver), solver.torch_dtype)
+    check_finite("weight", W)
+    Wd = W.detach().to(solver.device, solver.torch_dtype)
+    m, n = W.shape
+    usv, fallbacks = spectrum(wh.apply(Wd) if wh is not None else Wd, solver.first_for(m, n))
+    return Scaled(wh, usv, fallbacks)
 
 
 def whitened_loss(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, G: torch.Tensor | None) -> tuple[float, float]:
-    """(loss, relative loss) of A·B for W: tr(E·G·Eᵀ) with E = W − A·B, or ‖E‖²_F when G is None."""
-    W = W.to(torch.float64)
-    A, B = A.to(torch.float64), B.to(torch.float64)
+    """(loss, relative loss) of A·B for W: tr(E·G·Eᵀ) with E = W − A·B, or ‖E‖²_F when G is None; computed on W's
+    device in W's dtype when that is float32 or float64 (else float64)."""
+    dtype = W.dtype if W.dtype in (torch.float32, torch.float64) else torch.float64
+    W = W.to(dtype)
+    A, B = A.to(W), B.to(W)
     E = W - A @ B  # (m, n)
     if G is None:
         loss, ref = float((E * E).sum()), float((W * W).sum())
     else:
-        WG = W @ G.to(torch.float64)  # (m, n), shared by both terms
-        EG = WG - A @ (B @ G.to(torch.float64))  # (m, n) = E·G without a second m·n² product
+        WG = W @ G.to(W)  # (m, n), shared by both terms
+        EG = WG - A @ (B @ G.to(W))  # (m, n) = E·G without a second m·n² product
         loss, ref = float((EG * E).sum()), float((WG * W).sum())
     return loss, (loss / ref if ref > 0 else 0.0)
 
@@ -219,45 +235,52 @@ def _check_args(W: torch.Tensor, method: Method, rank: int, scaled: Scaled | Non
 
 def decompose(W: torch.Tensor, method: Method, rank: int, stats: InputStats | None = None, *,
               scaled: Scaled | None = None, k1: int | None = None,
-              out_dtype: torch.dtype = torch.float32) -> Factors:
-    """Factor W (m, n) at rank k into A (m, k), B (k, n) with ``method``.
+              out_dtype: torch.dtype = torch.float32, solver: Solver | None = None) -> Factors:
+    """Factor W (m, n) at rank k into A (m, k), B (k, n) (``out_dtype``, on the host) with ``method``, computing
+    where and as ``solver`` says (default: the CPU in float64, the benchmark's fastest exact-enough methods).
 
     ``svd`` needs no statistics; ``asvd0`` needs ``stats.abs_mean`` (n,); the whitened methods need ``stats.gram``
     (n, n). ``scaled`` is ``scale(W, method, stats)`` computed once and reused across ranks or shared within an
-    input group. Nested methods keep k1 of the scaled SVD (``k1`` if given, else ``method.split``) and spend
-    k2 = k − k1 on a plain SVD of the residual. Raises ValueError for a bad rank or k1, NumericalError for
-    non-finite inputs or results.
+    input group. Nested methods keep k1 of the scaled factorisation (``k1`` if given, else ``method.split``) and
+    spend k2 = k − k1 on a plain truncated SVD of the residual. Raises ValueError for a bad rank or k1,
+    NumericalError for non-finite inputs or results.
     """
+    solver = solver or Solver()
     _check_args(W, method, rank, scaled, k1)
     check_finite("weight", W)
-    W64 = W.detach().to(torch.float64)
-    scaled = scaled if scaled is not None else scale(W64, method, stats)
-    U, s, Vh = scaled.usv
-    k1, k2 = (k1, rank - k1) if k1 is not None else method.split(rank, s)
-    A, BS = _truncate(U, s, Vh, k1)  # (m, k1), (k1, n): B·S of the first stage
-    B = scaled.whitening.right_solve(BS) if scaled.whitening is not None else BS
+    stats = on_solver(stats, solver)
+    Wd = W.detach().to(solver.device, solver.torch_dtype)
+    scaled = scaled.to(solver.device) if scaled is not None else scale(Wd, method, stats, solver=solver)
+    k1, k2 = (k1, rank - k1) if k1 is not None else method.split(rank, scaled.usv[1])
+    wh = scaled.whitening
+    A, B = truncate(scaled.usv, k1, Wd, wh.right_solve if wh else None, wh.times if wh else None)
+    fallbacks = {**(wh.fallbacks() if wh is not None else {}), "gram_fallbacks": 0, "randomized_fallbacks": 0,
+                 **scaled.fallbacks}
     if k2 > 0:
-        U2, s2, Vh2 = _svd(W64 - A @ B)  # residual (m, n)
-        A2, B2 = _truncate(U2, s2, Vh2, k2)
+        A2, B2, more = residual_factors(Wd - A @ B, k2, solver)  # the residual (m, n)
         A, B = torch.cat([A, A2], dim=1), torch.cat([B, B2], dim=0)  # (m, k), (k, n)
-    A, B = A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous()
+        fallbacks = {k: fallbacks.get(k, 0) + more.get(k, 0) for k in fallbacks | more}
+    A, B = A.to("cpu", out_dtype).contiguous(), B.to("cpu", out_dtype).contiguous()
     check_finite(f"{method.name} factor A", A)
     check_finite(f"{method.name} factor B", B)
-    loss, rel = whitened_loss(W64, A, B, stats.gram if stats is not None else None)
+    loss, rel = whitened_loss(Wd, A, B, stats.gram if stats is not None else None)
     if not (math.isfinite(loss) and math.isfinite(rel)):
         raise NumericalError(f"{method.name} produced a non-finite whitened loss")
-    fallbacks = scaled.whitening.fallbacks() if scaled.whitening is not None else {}
-    return Factors(A, B, k1, k2, loss, rel, fallbacks)
+    m, n = W.shape
+    return Factors(A, B, k1, k2, loss, rel, fallbacks, solver=solver.label(m, n, k2))
 
 
 def decompose_group(weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int], method: Method,
-                    stats: InputStats | None = None, *, out_dtype: torch.dtype = torch.float32) -> dict[str, Factors]:
-    """Decompose linears that read the same input (e.g. q/k/v) with one shared scaling of their statistics.
+                    stats: InputStats | None = None, *, out_dtype: torch.dtype = torch.float32,
+                    solver: Solver | None = None) -> dict[str, Factors]:
+    """Decompose linears that read the same input (e.g. q/k/v) with one shared scaling of their statistics, all
+    where and as ``solver`` says (the statistics moved there once).
 
     ``weights`` maps names to (m_i, n) weights; ``ranks`` gives each one's rank. Errors as in ``decompose``.
     """
-    wh = method.scaling(stats)
-    return {name: decompose(W, method, ranks[name], stats, scaled=scale(W, method,
-                                                                        whitening=wh) if wh is not None else None,
-                            out_dtype=out_dtype)
+    solver = solver or Solver()
+    stats = on_solver(stats, solver)
+    wh = method.scaling(stats, solver.torch_dtype)
+    return {name: decompose(W, method, ranks[name], stats, out_dtype=out_dtype, solver=solver,
+                            scaled=scale(W, method, whitening=wh, solver=solver) if wh is not None else None)
             for name, W in weights.items()}

@@ -1,8 +1,9 @@
 """Input scalings of a linear: the whitening S of its Gram (S·Sᵀ = G, damped) and ASVD's diagonal scaling.
 
-Pure torch, float64. Damping is relative: λ·mean(diag G)·I is added. A Cholesky that fails escalates λ through
-1e-8 … 1e-1, then falls back to the symmetric eigen root with clamped eigenvalues; every step is counted in the
-returned ``Whitening`` and nothing falls back silently.
+Pure torch, float64 by default (float32 where a solver asks for it), on the Gram's device. Damping is relative:
+λ·mean(diag G)·I is added. A Cholesky that fails escalates λ through 1e-8 … 1e-1, then falls back to the
+symmetric eigen root with clamped eigenvalues; every step is counted in the returned ``Whitening`` and nothing
+falls back silently.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ class Whitening:
             return ((W @ self.Q) * self.root) @ self.Q.T
         return W * self.root
 
+    def times(self, M: torch.Tensor) -> torch.Tensor:
+        """S·M for M (n, k)."""
+        if self.kind == "cholesky":
+            assert self.S is not None
+            return self.S @ M
+        assert self.root is not None
+        if self.kind == "eigen":
+            assert self.Q is not None
+            return self.Q @ ((self.Q.T @ M) * self.root[:, None])
+        return M * self.root[:, None]
+
     def right_solve(self, M: torch.Tensor) -> torch.Tensor:
         """M·S⁻¹ for M (k, n), by a triangular solve or the eigen/diagonal root; never an explicit inverse."""
         if self.kind == "cholesky":
@@ -78,8 +90,10 @@ def _gram_scale(G: torch.Tensor) -> float:
     return scale
 
 
-def whiten(G: torch.Tensor, kind: str = "cholesky", damping: float = 1e-6) -> Whitening:
-    """Whitening factor of a Gram G (n, n): Cholesky (variant I) or symmetric eigen root (variant II).
+def whiten(G: torch.Tensor, kind: str = "cholesky", damping: float = 1e-6,
+           dtype: torch.dtype = torch.float64) -> Whitening:
+    """Whitening factor of a Gram G (n, n) in ``dtype`` on G's device: Cholesky (variant I) or symmetric eigen root
+    (variant II).
 
     Damping is relative: λ·mean(diag G)·I is added. When Cholesky fails, λ escalates through 1e-8 … 1e-1 and
     then falls back to the eigen root with eigenvalues floored at λ·mean(diag G); every step is counted in the
@@ -88,8 +102,7 @@ def whiten(G: torch.Tensor, kind: str = "cholesky", damping: float = 1e-6) -> Wh
     if kind not in ("cholesky", "eigen"):
         raise ValueError(f"whitening kind must be 'cholesky' or 'eigen', got {kind!r}")
     check_finite("Gram", G)
-    G = G.to(torch.float64)
-    G = (G + G.T) / 2  # (n, n)
+    G = G.to(dtype)  # (n, n); Cholesky and eigh read its lower triangle only, so it needs no symmetrising pass
     scale = _gram_scale(G)
     if kind == "eigen":
         return _eigen_root(G, damping, scale)
@@ -119,11 +132,12 @@ def _eigen_root(G: torch.Tensor, damping: float, scale: float) -> Whitening:
     return Whitening("eigen", damping=damping, clamped=clamped, Q=Q, root=root)
 
 
-def diagonal_scaling(abs_mean: torch.Tensor, alpha: float = 0.5, damping: float = 1e-6) -> Whitening:
-    """ASVD's diagonal scaling S = diag(mean|x|^α) of abs-means (n,); zero scales are floored at damping·mean and
-    counted. Raises NumericalError for non-finite or all-zero scales."""
+def diagonal_scaling(abs_mean: torch.Tensor, alpha: float = 0.5, damping: float = 1e-6,
+                     dtype: torch.dtype = torch.float64) -> Whitening:
+    """ASVD's diagonal scaling S = diag(mean|x|^α) of abs-means (n,) in ``dtype``; zero scales are floored at
+    damping·mean and counted. Raises NumericalError for non-finite or all-zero scales."""
     check_finite("activation abs-mean", abs_mean)
-    s = abs_mean.to(torch.float64).clamp(min=0.0) ** alpha  # (n,)
+    s = abs_mean.to(dtype).clamp(min=0.0) ** alpha  # (n,)
     mean = float(s.mean())
     if not mean > 0.0:
         raise NumericalError("all activation scales are zero: the layer saw no non-zero input during calibration")

@@ -42,7 +42,8 @@ class DriftScorer:
         cfg, opts = self.cfg, self.cfg.output.storage_options
         meta = read_meta(run_uri, opts)
         plan = run_plan(self.source, meta)
-        work = Work(plan, meta.method, cfg.calibration.micro_batch, "original", cfg.runtime.threads_per_task)
+        work = Work(plan, meta.method, cfg.calibration.micro_batch, "original", cfg.runtime.threads_per_task,
+                    cfg.calibration.precision)
         weights = published(run_uri, opts)
         if cfg.runtime.workers:
             markers = join(cfg.output.uri, "staging", "drift-faults")

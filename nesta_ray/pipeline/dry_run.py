@@ -15,8 +15,9 @@ from nesta_ray.io.sources import meta_model
 from nesta_ray.ops.gate import read_cases
 from nesta_ray.pipeline.preflight import preflight
 from nesta_ray.plan.linears import ModulePlan, Plan, plan_for
+from nesta_ray.plan.rates import Rates, read_rates
 from nesta_ray.plan.sizing import ModelShape, dtype_bytes, memory_estimate, shard_plan
-from nesta_ray.plan.timing import Phase, Rates, drift_phase, job_phases, job_seconds, measure_rates, shard_time
+from nesta_ray.plan.timing import Phase, drift_phase, job_floor, job_phases, job_seconds, measure_rates, shard_time
 from nesta_ray.report.markdown import table
 
 
@@ -53,12 +54,14 @@ def _linear_table(plan: Plan, cfg: JobConfig) -> str:
 
 
 def _rates(cfg: JobConfig) -> tuple[Rates, str]:
-    if cfg.runtime.rates:
-        return Rates(**cfg.runtime.rates.model_dump()), "runtime.rates"
-    return measure_rates(), "measured on this machine (1 process)"
+    """The rates of ``runtime.rates`` (a rates file, or inline) or measured here, and where they come from."""
+    given = cfg.runtime.rates
+    rates = (read_rates(given) if isinstance(given, str) else Rates(**given.model_dump(), label="runtime.rates")
+             if given else measure_rates())
+    return rates, rates.label
 
 
-def _shard_lines(cfg: JobConfig, plan: Plan, hf_config: Any, rates: Rates, rates_src: str) -> list[str]:
+def _shard_lines(cfg: JobConfig, plan: Plan, hf_config: Any, rates: Rates) -> list[str]:
     shards = shard_plan(cfg, plan, hf_config)
     times = [shard_time(s, rates) for s in shards]
     gib = lambda b: f"{b / 2**30:,.1f}"  # noqa: E731
@@ -70,8 +73,7 @@ def _shard_lines(cfg: JobConfig, plan: Plan, hf_config: Any, rates: Rates, rates
     return [
         table(["actor", "layers", "weights GiB", "device peak GiB", "host peak GiB", "read GiB", "stage write GiB",
                "calibration h", "decomposition h"], rows),
-        f"time estimate: {total / 3600:.2f} h ({how}; rates {rates_src}: matmul {rates.matmul_gflops:,.0f} GFLOP/s, "
-        f"SVD {rates.svd_gflops:,.1f} GFLOP/s, read {rates.read_gbps} GB/s, write {rates.write_gbps} GB/s)",
+        f"time estimate: {total / 3600:.2f} h ({how}; rates {rates.describe()}; GFLOP/s, GB/s)",
         f"fits: every actor within {cfg.runtime.device_memory_gb} GiB device / {cfg.runtime.host_memory_gb} GiB "
         "host memory",
     ]
@@ -103,6 +105,16 @@ def job_phase_list(cfg: JobConfig, plan: Plan, hf_config: Any, rates: Rates) -> 
     return job_phases(cfg, shards, hf_config.vocab_size * hf_config.hidden_size, rates, _cases(cfg))
 
 
+def floor_lines(cfg: JobConfig, plan: Plan, hf_config: Any, rates: Rates, estimate_s: float) -> str:
+    """The job's physical floor (``plan.timing.job_floor``) as a table, and the estimate's ratio to it."""
+    floor = job_floor(cfg, shard_plan(cfg, plan, hf_config), hf_config.vocab_size * hf_config.hidden_size, rates)
+    total = sum(p.seconds for p in floor)
+    rows = [[p.name, f"{p.seconds:,.1f}"] for p in floor] + [["floor", f"{total:,.1f}"]]
+    return (table(["physical floor (peak rates, work spread over the shards)", "seconds"], rows) + "\n\n"
+            + f"estimate {estimate_s / 60:,.1f} min ({estimate_s:,.0f} s) against a floor of {total:,.1f} s: "
+            f"{estimate_s / total:.1f}x the floor")
+
+
 def dry_run(cfg: JobConfig) -> str:
     """The plan of ``cfg`` as text (no weights read: the model is built on the meta device): linears, totals,
     memory, and with ``runtime.workers`` the shards and every phase's time and bytes. Raises ConfigError when the
@@ -122,9 +134,10 @@ def dry_run(cfg: JobConfig) -> str:
         f"{plan.model_params - plan.params_before + plan.params_after:,}",
     ]
     if cfg.runtime.workers:
-        rates, rates_src = _rates(cfg)
-        lines += _shard_lines(cfg, plan, hf_config, rates, rates_src)
-        lines.append(phases_table(job_phase_list(cfg, plan, hf_config, rates)))
+        rates, _ = _rates(cfg)
+        lines += _shard_lines(cfg, plan, hf_config, rates)
+        phases = job_phase_list(cfg, plan, hf_config, rates)
+        lines += [phases_table(phases), floor_lines(cfg, plan, hf_config, rates, sum(p.seconds for p in phases))]
     else:
         shape = ModelShape.of(hf_config, dtype_bytes(cfg.model.dtype), plan.model_params)
         mem = memory_estimate(plan, shape, cfg.calibration)

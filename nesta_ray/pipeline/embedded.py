@@ -20,10 +20,13 @@ from torch import nn
 
 from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.method.decompose import Factors
+from nesta_ray.method.factorize import Solver
 from nesta_ray.model.arch import ArchSpec
 from nesta_ray.model.calibration import Batch, layer_inputs, run_with_statistics
 from nesta_ray.model.layers import decoder_layers, run_layer, weight_of
 from nesta_ray.model.lowrank import install_factors
+from nesta_ray.model.precision import forward_precision
+from nesta_ray.pipeline.precision import device_solver
 from nesta_ray.pipeline.ray_env import fetch
 from nesta_ray.pipeline.tasks import Work, decompose_task
 from nesta_ray.plan.linears import ModulePlan
@@ -43,11 +46,11 @@ def group_weights(model: nn.Module, plans: list[ModulePlan]) -> dict[str, np.nda
 
 
 def submit_groups(model: nn.Module, groups: Mapping[str, list[ModulePlan]], stats: Mapping[str, Any],
-                  work: Work) -> list[ray.ObjectRef]:
-    """One Ray task per input group of a layer. ``stats`` maps group -> InputStats or an ObjectRef of one (so
-    statistics put once can serve many decompositions)."""
+                  work: Work, solver: Solver | None = None) -> list[ray.ObjectRef]:
+    """One Ray task per input group of a layer, factorising with ``solver`` (default: the CPU in float64). ``stats``
+    maps group -> InputStats or an ObjectRef of one (so statistics put once can serve many decompositions)."""
     remote = ray.remote(num_cpus=work.threads)(decompose_task)
-    return [remote.remote(group_weights(model, plans), plans, work.method, stats[group], work.threads)
+    return [remote.remote(group_weights(model, plans), plans, work.method, stats[group], work.threads, solver)
             for group, plans in groups.items()]
 
 
@@ -62,6 +65,7 @@ class _Loop:
         self.unstaged: dict[int, dict[str, Factors]] = {}
         self.pending: list[ray.ObjectRef] = []
         self.timings = Timings()
+        self.solver, self.solver_reason = device_solver(torch.device("cpu"), work)  # the tasks run on CPUs
 
     def collect(self, refs: list[ray.ObjectRef]) -> None:
         """Install and record finished groups; stage each layer once all its linears are in."""
@@ -93,13 +97,14 @@ class _Loop:
         groups = {} if staged else self.work.plan.for_layer(i)
         if staged:
             self.from_stage(i)
-        outputs, stats = run_with_statistics(layer, self.spec, groups, batches)
+        precision = self.work.calibration_precision
+        outputs, stats = run_with_statistics(layer, self.spec, groups, batches, precision)
         self.timings.calibration += time.perf_counter() - start
-        refs = submit_groups(self.model, groups, stats, self.work) if groups else []
+        refs = submit_groups(self.model, groups, stats, self.work, self.solver) if groups else []
         if self.work.mode == "propagate" and refs:
             self.collect(refs)
             start = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), forward_precision(batches[0][0].device, precision):
                 outputs = [run_layer(layer, h, kw) for h, kw in batches]
             self.timings.calibration += time.perf_counter() - start
         else:

@@ -179,7 +179,8 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         stage = job_stage(ctx)
         sized = cfg.with_ratio(cfg.method.auto.min_ratio) if cfg.method.auto else cfg
         work = Work(plan_for(ctx.source.skeleton, sized), cfg.method.as_method(), cfg.calibration.micro_batch,
-                    cfg.calibration.mode, cfg.runtime.threads_per_task)
+                    cfg.calibration.mode, cfg.runtime.threads_per_task, cfg.calibration.precision,
+                    cfg.runtime.factorization, cfg.runtime.decompose_precision)
         with open_runner(cfg, ctx.source, work, stage, join(stage.uri, "faults")) as runner:
             plan = _lifecycle(ctx, runner, stage)
         ctx.report.update(ctx.texts.report())

@@ -20,6 +20,7 @@ from nesta_ray.model.calibration import collect_statistics
 from nesta_ray.model.layers import config_of
 from nesta_ray.ops.evaluation import window_nll
 from nesta_ray.pipeline.layer_host import ModelLayers
+from nesta_ray.pipeline.precision import device_solver
 from nesta_ray.pipeline.shard_weights import DENSE, Weights, WeightsSwitch, staged
 from nesta_ray.pipeline.tasks import Work
 
@@ -55,7 +56,8 @@ class InProcessModel(AbstractContextManager["InProcessModel"]):
         self.model, self.work, self.stage = model, work, stage
         self.spec = arch_for(config_of(model).model_type)
         self.host = ModelLayers(model, self.spec)
-        self.switch = WeightsSwitch(self.host, work.plan, work.method, work.threads)
+        solver = device_solver(torch.device("cpu"), work)[0]
+        self.switch = WeightsSwitch(self.host, work.plan, work.method, work.threads, solver)
 
     def __exit__(self, *exc: object) -> None:
         return None
@@ -86,7 +88,8 @@ class InProcessModel(AbstractContextManager["InProcessModel"]):
 
     def _dense_statistics(self, ids: torch.Tensor) -> dict[int, Any]:
         self.switch.ensure(DENSE)
-        return collect_statistics(self.model, self.spec, self.work.plan.layers(), ids, self.work.micro_batch)
+        return collect_statistics(self.model, self.spec, self.work.plan.layers(), ids, self.work.micro_batch,
+                                  self.work.calibration_precision)
 
     def prepare(self, ids: torch.Tensor) -> None:
         self.switch.prepare(self._dense_statistics(ids))

@@ -104,7 +104,7 @@ class ShardGroup:
 
     def _reports(self, summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         keys = ("device", "peak_rss_bytes", "peak_device_bytes", "seconds", "decompose_seconds", "bytes_read",
-                "restarted")
+                "restarted", "decompose_precision")
         return [{"layers": r, **{k: s[k] for k in keys}} for r, s in zip(self.ranges, summaries)]
 
     def reports(self) -> list[dict[str, Any]]:

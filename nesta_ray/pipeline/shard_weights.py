@@ -21,8 +21,9 @@ from nesta_ray.checkpoint.runs import verify_files, weight_index
 from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.errors import ShardStateLost
 from nesta_ray.io.weights import WeightStore
-from nesta_ray.method.decompose import Factors, InputStats, Method, Scaled, decompose, scale
+from nesta_ray.method.decompose import Factors, InputStats, Method, Scaled, decompose, on_solver, scale
 from nesta_ray.method.drift import relative_error
+from nesta_ray.method.factorize import Solver
 from nesta_ray.pipeline.layer_host import LayerHost
 from nesta_ray.pipeline.tasks import fixed_threads
 from nesta_ray.plan.linears import Plan
@@ -61,10 +62,13 @@ def at_ranks(ranks: dict[str, int]) -> Weights:
 
 class WeightsSwitch:
     """A shard's layers switched between weights; ``backend`` holds the layers, ``plan`` its part of the plan;
-    SVDs and truncations run with ``threads`` torch threads (the decomposition tasks' count)."""
+    factorisations and truncations run with ``threads`` torch threads (the decomposition tasks' count) where and
+    as ``solver`` says (default: the CPU in float64); the prepared factorisations are kept on the host."""
 
-    def __init__(self, backend: LayerHost, plan: Plan, method: Method, threads: int) -> None:
+    def __init__(self, backend: LayerHost, plan: Plan, method: Method, threads: int,
+                 solver: Solver | None = None) -> None:
         self.backend, self.plan, self.method, self.threads = backend, plan, method, threads
+        self.solver = solver or Solver()
         self.current = DENSE
         self.prepared: dict[str, tuple[Scaled, InputStats]] = {}  # linear -> its scaled SVD and statistics
 
@@ -131,11 +135,12 @@ class WeightsSwitch:
     def _prepare(self, stats: dict[int, dict[str, InputStats]]) -> None:
         for i in self.plan.layers():
             for group, plans in self.plan.for_layer(i).items():
-                wh = self.method.scaling(stats[i][group])
+                wh = self.method.scaling(on_solver(stats[i][group], self.solver), self.solver.torch_dtype)
                 weights = self.backend.weights(i, plans)
                 for p in plans:
-                    W = torch.tensor(weights[p.name]).to(torch.float64)  # (m, n)
-                    self.prepared[p.name] = (scale(W, self.method, whitening=wh), stats[i][group])
+                    W = torch.tensor(weights[p.name])  # (m, n)
+                    scaled = scale(W, self.method, whitening=wh, solver=self.solver).to("cpu")
+                    self.prepared[p.name] = (scaled, stats[i][group])
 
     def at_ratio(self, ranks: dict[str, int]) -> dict[int, dict[str, Factors]]:
         """Per layer, the factors of the planned linears at ``ranks`` from the prepared SVDs. Raises PipelineError
@@ -155,6 +160,7 @@ class WeightsSwitch:
             for p in plans:
                 scaled, stats = self.prepared[p.name]
                 start = time.perf_counter()
-                f = decompose(torch.tensor(weights[p.name]), self.method, ranks[p.name], stats, scaled=scaled)
+                f = decompose(torch.tensor(weights[p.name]), self.method, ranks[p.name], stats, scaled=scaled,
+                              solver=self.solver)
                 out[i][p.name] = dataclasses.replace(f, seconds=time.perf_counter() - start)
         return out

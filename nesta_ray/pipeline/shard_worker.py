@@ -24,9 +24,11 @@ from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.io.sources import ModelSource
 from nesta_ray.method.decompose import InputStats
 from nesta_ray.model.calibration import GramAccumulator, InputStatistics
+from nesta_ray.model.precision import forward_precision
 from nesta_ray.ops.evaluation import nll_sums
 from nesta_ray.pipeline.backends import BackendSpec, ShardPart, open_backend, to_device
 from nesta_ray.pipeline.faults import Fault
+from nesta_ray.pipeline.precision import device_solver
 from nesta_ray.pipeline.ray_env import actor_restarted
 from nesta_ray.pipeline.shard_weights import DENSE, Weights, WeightsSwitch, staged
 from nesta_ray.pipeline.tasks import Work, decompose_task
@@ -59,7 +61,8 @@ class LayerShard:
         self.plan, self.stage, self.fault = self.work.plan, stage, options.fault
         self.backend = open_backend(options.backend, source, part, dtype=options.dtype,
                                     device=None if device is None else torch.device(device))
-        self.switch = WeightsSwitch(self.backend, self.plan, self.work.method, self.work.threads)
+        self.solver, self.solver_reason = device_solver(self.backend.device, self.work)
+        self.switch = WeightsSwitch(self.backend, self.plan, self.work.method, self.work.threads, self.solver)
         self.grams: dict[int, dict[str, GramAccumulator]] = {}  # layer -> group -> fp64 sums on the host
         self.seen = 0  # micro-batches accumulated in order by ``forward``
         self.staged_at_start = self._staged()
@@ -90,7 +93,9 @@ class LayerShard:
         groups = self.plan.for_layer(i)
         modules = {g: m for g, m in self.backend.inputs_of(i).items() if g in groups} if record else {}
         accumulators = self.grams.setdefault(i, {}) if record else {}
-        with torch.no_grad(), self.backend.loaded(i), InputStatistics(modules, accumulators):
+        precision = self.work.calibration_precision
+        with torch.no_grad(), self.backend.loaded(i), InputStatistics(modules, accumulators, precision=precision), \
+                forward_precision(self.backend.device, precision):
             return [self.backend.run(i, h, kw) for h, kw in batches]
 
     def _on_device(self, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -155,7 +160,7 @@ class LayerShard:
         stats, factors = self._statistics(i), {}
         for group, plans in self.plan.for_layer(i).items():
             part = decompose_task(self.backend.weights(i, plans), plans, self.work.method, stats[group],
-                                  self.work.threads)
+                                  self.work.threads, self.solver)
             self.task_seconds += [f.seconds for f in part.values()]
             factors.update(part)
         self.backend.install(i, factors)  # the layer now computes with its factors, kept for evaluation
@@ -253,7 +258,7 @@ class LayerShard:
         return {"computed": list(self.computed), "seconds": dict(self.seconds), "peak_rss_bytes": peak_kib * 1024,
                 "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                 "device": str(device), "decompose_seconds": sum(self.task_seconds), "restarted": self.restarted,
-                "bytes_read": self.backend.store.bytes_read}
+                "bytes_read": self.backend.store.bytes_read, "decompose_precision": self.solver_reason}
 
     def close(self) -> None:
         """Free the backend (DeepSpeed's engine); the actor is killed after."""

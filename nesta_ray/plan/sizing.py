@@ -3,13 +3,14 @@ actor, and the check that refuses a job that cannot fit. Pure: no I/O, no Ray.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from nesta_ray.config.schema import CalibrationConfig, JobConfig
 from nesta_ray.errors import ConfigError
+from nesta_ray.method.factorize import Solver, flops, solver_for
 from nesta_ray.plan.linears import ModulePlan, Plan
 
 
@@ -57,8 +58,11 @@ class ShardSize:
     write_bytes: int  # its staged factors (float32)
     factor_bytes: int  # its factors as the checkpoint stores them (the dtype of the weights they replace)
     checkpoint_bytes: int  # its part of the written checkpoint: factors and every tensor kept dense
-    calibration_flops: float
-    decomposition_flops: float
+    calibration_flops: float  # the forward and the Gram products
+    decomposition_flops: float  # the sum of decomposition_work
+    gram_flops: float = 0.0  # the Gram products' share of calibration_flops
+    decomposition_work: dict[str, float] = field(default_factory=dict)  # FLOPs by kind (factorize.flops)
+    copy_bytes: int = 0  # host <-> device: the fp64 Grams to the device, the factors back
 
     @property
     def label(self) -> str:
@@ -77,6 +81,19 @@ def svd_flops(m: int, n: int) -> float:
     """Work model of a dense SVD of an (m, n) matrix (Golub–Van Loan's leading terms for U, Σ, V)."""
     small, large = min(m, n), max(m, n)
     return 4.0 * large * small * small + 22.0 * small**3
+
+
+def decomposition_work(mods: list[ModulePlan], solver: Solver) -> dict[str, float]:
+    """FLOPs by kind of decomposing ``mods`` with ``solver`` (``factorize.flops``; one Cholesky per input group, as
+    the group shares its whitening). A nested linear whose k1 is chosen per matrix is counted with k2 = 0.5% of its
+    rank (at least 1), what the k1 tolerance leaves on the real models."""
+    work: dict[str, float] = {}
+    for p in mods:
+        k2 = p.split[1] if p.split is not None else (max(1, round(0.005 * p.rank)) if p.residual_svd else 0)
+        for kind, f in flops(p.m, p.n, p.rank, k2, solver).items():
+            work[kind] = work.get(kind, 0.0) + f
+    work["cholesky"] = sum(n**3 / 3.0 for n in {(p.layer, p.group): p.n for p in mods}.values())
+    return work
 
 
 def _gram_bytes(widths: set[tuple[str, int]]) -> int:
@@ -124,6 +141,8 @@ def _shard(actor: int, layers: list[int], by_layer: dict[int, list[ModulePlan]],
     weights = params * shape.dtype_bytes + embedding + head
     factors = sum(p.params_after for p in mods) * shape.dtype_bytes  # installed beside the kept dense linears
     svds = sum(svd_keep_bytes(p) for p in mods) if cfg.method.auto else 0
+    work = decomposition_work(mods, solver_for(cfg.runtime.factorization))
+    gram_flops = sum(2.0 * n * n * tokens for i in layers for _, n in widths[i])
     logits = cfg.evaluation.batch_size * cfg.evaluation.seq_len * shape.vocab * 4 if last else 0
     activations = cal.micro_batch * cal.seq_len * (4 * h + 3 * shape.intermediate) * 4
     hidden = 2 * (cal.micro_batch * cal.seq_len if cal.mode == "original" else tokens) * h * 4
@@ -136,9 +155,9 @@ def _shard(actor: int, layers: list[int], by_layer: dict[int, list[ModulePlan]],
         object_store_bytes=tokens * h * 4, read_bytes=weights,
         write_bytes=sum(p.params_after for p in mods) * 4, factor_bytes=factors,
         checkpoint_bytes=weights - sum(p.params_before for p in mods) * shape.dtype_bytes + factors,
-        calibration_flops=2.0 * sum(layer_params) * tokens + sum(2.0 * n * n * tokens for i in layers
-                                                                 for _, n in widths[i]),
-        decomposition_flops=sum(svd_flops(p.m, p.n) * (2 if p.residual_svd else 1) for p in mods),
+        calibration_flops=2.0 * sum(layer_params) * tokens + gram_flops, gram_flops=gram_flops,
+        decomposition_flops=sum(work.values()), decomposition_work=work,
+        copy_bytes=sum(8 * n * n for i in layers for _, n in widths[i]) + sum(p.params_after for p in mods) * 4,
     )
 
 
@@ -156,8 +175,8 @@ def shard_sizes(plan: Plan, shape: ModelShape, ranges: list[list[int]], cfg: Job
     (original: one micro-batch; propagate, layer-major: every window); and the decomposition of the widest linear
     on the CPU (its normalised Gram plus the SVD workspace: the fp64 matrix, its Gram-sized whitening, U and V).
     The shard's inputs also wait in Ray's object store until it has decomposed (``object_store_bytes``), so that
-    a restarted shard can calibrate again. Decomposition work counts a residual SVD for every nested linear whose
-    k1 is chosen per matrix (an upper bound: none runs where k1 = k).
+    a restarted shard can calibrate again. Decomposition work is ``decomposition_work`` with the job's
+    ``runtime.factorization``.
     """
     by_layer: dict[int, list[ModulePlan]] = {}
     for p in plan.modules:

@@ -1,5 +1,6 @@
-"""The time model of a job and a night: throughputs (measured here or given), each shard's phase seconds, every
-phase of the lifecycle.
+"""The time model of a job and a night: throughputs (measured here or given: ``plan.rates``), each shard's phase
+seconds, every phase of the lifecycle, and the job's physical floor (its bytes at the stated bandwidths, its FLOPs
+at the stated peaks).
 
 No I/O; ``measure_rates`` times a few products in this process.
 """
@@ -7,6 +8,7 @@ No I/O; ``measure_rates`` times a few products in this process.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,17 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from nesta_ray.config.schema import JobConfig
+from nesta_ray.plan.rates import Rates
 from nesta_ray.plan.sizing import ShardSize, svd_flops
-
-
-@dataclass(frozen=True)
-class Rates:
-    """Throughputs for time estimates: fp32 matmul and fp64 SVD in GFLOP/s, storage reads/writes in GB/s."""
-
-    matmul_gflops: float
-    svd_gflops: float
-    read_gbps: float = 1.0
-    write_gbps: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -49,14 +42,21 @@ def measure_rates(seconds: float = 0.5) -> Rates:
 
     a = torch.randn(1024, 1024)
     m = torch.randn(384, 1024, dtype=torch.float64)
+    load = os.getloadavg()[0]
     return Rates(rate(lambda: a @ a, 2 * 1024**3),
-                 rate(lambda: torch.linalg.svd(m, full_matrices=False), svd_flops(384, 1024)))
+                 rate(lambda: torch.linalg.svd(m, full_matrices=False), svd_flops(384, 1024)),
+                 label=f"measured on this machine (1 process, {2 * seconds:.0f} s, 1-minute load average "
+                       f"{load:.1f}; a rates file is steadier: scripts/cpu_rates.py)")
 
 
 def shard_time(s: ShardSize, rates: Rates) -> ShardTime:
-    """One shard's phase seconds at ``rates``."""
-    return ShardTime(s.calibration_flops / (rates.matmul_gflops * 1e9) + s.weights_bytes / (rates.read_gbps * 1e9),
-                     s.decomposition_flops / (rates.svd_gflops * 1e9) + s.write_bytes / (rates.write_gbps * 1e9))
+    """One shard's phase seconds at ``rates``: its forward, Gram products and weight reads; its factorisations by
+    kind, the Grams' and factors' copies between host and device, and the staged factors' writes."""
+    forward = (s.calibration_flops - s.gram_flops) / (rates.rate("matmul_gflops") * 1e9)
+    grams = s.gram_flops / (rates.rate("gram_gflops") * 1e9)
+    return ShardTime(forward + grams + s.weights_bytes / (rates.read_gbps * 1e9),
+                     rates.flops_seconds(s.decomposition_work) + s.copy_bytes / (rates.rate("copy_gbps") * 1e9)
+                     + s.write_bytes / (rates.write_gbps * 1e9))
 
 
 def job_seconds(times: list[ShardTime], mode: str, batches: int) -> tuple[float, str]:
@@ -124,12 +124,11 @@ def job_phases(cfg: JobConfig, shards: list[ShardSize], vocab_hidden: int, rates
         phases.append(Phase("evaluate dense", _eval(cfg, shards, vocab_hidden, rates, False), how="pipelined"))
     if cfg.method.auto:
         points = max(1, math.ceil(math.log2(len(cfg.method.auto.grid()) + 1)))
-        prepare = max(t.calibration_s for t in times) + max(s.decomposition_flops for s in shards) / 2 / (
-            rates.svd_gflops * 1e9)
+        prepare = max(t.calibration_s for t in times) + max(t.decomposition_s for t in times) / 2
         auto_set = next(s for s in cfg.evaluation.sets if s.name == cfg.method.auto.set)
         point = forward_seconds(shards, vocab_hidden, auto_set.num_windows * cfg.evaluation.seq_len,
                                 auto_set.num_windows, rates, compressed=True)
-        point += max(s.decomposition_flops for s in shards) / 2 / (rates.svd_gflops * 1e9)  # residual SVDs
+        point += max(t.decomposition_s for t in times) / 2  # truncations and residual factorisations
         phases += [Phase("auto ratio: prepare", prepare, how="calibration + one scaled SVD per linear"),
                    Phase(f"auto ratio: {points} points", points * point, how="truncate, residual SVDs, evaluate")]
     phases.append(Phase("calibrate + decompose", compress, 0, written, how))
@@ -158,3 +157,29 @@ def drift_phase(cfg: JobConfig, shards: list[ShardSize], plan_flops: float, rate
     seconds = read + forward + plan_flops / len(shards) / (rates.matmul_gflops * 1e9)
     return Phase("score drift", seconds, sum(s.weights_bytes + s.factor_bytes for s in shards), 0,
                  "shards read their tensors and the published factors, dense Grams of the sample, errors")
+
+
+def job_floor(cfg: JobConfig, shards: list[ShardSize], vocab_hidden: int, rates: Rates) -> list[Phase]:
+    """The job's physical floor at the stated peaks, its work spread evenly over the shards: one read of the
+    weights, the calibration forward (2 FLOPs per parameter and token) and the Gram products, the factorisations
+    (their work model), the evaluation forwards (dense and compressed, with the head) and one write of the
+    checkpoint. Generation, pipeline fill, the stage and every overhead are left out."""
+    k = len(shards)
+    windows = sum(s.num_windows for s in cfg.evaluation.sets) * cfg.evaluation.seq_len
+    work: dict[str, float] = {}
+    for s in shards:
+        for kind, f in s.decomposition_work.items():
+            work[kind] = work.get(kind, 0.0) + f
+    evaluate = (2.0 * sum(s.params + s.params_after for s in shards) * windows
+                + 2 * (2.0 * vocab_hidden * windows)) if cfg.evaluation.sets else 0.0
+    gram = sum(s.gram_flops for s in shards)
+    forward = sum(s.calibration_flops for s in shards) - gram
+    peak = lambda name: rates.peak(name) * 1e9  # noqa: E731
+    return [Phase("read the weights once", sum(s.weights_bytes for s in shards) / peak("read_gbps") / k,
+                  sum(s.weights_bytes for s in shards)),
+            Phase("calibration forward", forward / peak("matmul_gflops") / k),
+            Phase("Gram products", gram / peak("gram_gflops") / k),
+            Phase("factorisations", rates.flops_seconds(work, at_peak=True) / k),
+            Phase("evaluation forwards", evaluate / peak("matmul_gflops") / k),
+            Phase("write the checkpoint", sum(s.checkpoint_bytes for s in shards) / peak("write_gbps") / k, 0,
+                  sum(s.checkpoint_bytes for s in shards))]

@@ -52,7 +52,8 @@ def test_whitened_loss_is_sum_of_discarded_singular_values(method):
     discarded = float((torch.linalg.svdvals(W @ S)[k:] ** 2).sum())
     assert f.loss == pytest.approx(discarded, rel=1e-8)
     assert _output_loss(W, f.A, f.B, X) == pytest.approx(discarded, rel=1e-8)
-    assert f.fallbacks == {"damping_escalations": 0, "eigen_fallbacks": 0, "clamped_eigenvalues": 0}
+    assert f.fallbacks == {"damping_escalations": 0, "eigen_fallbacks": 0, "clamped_eigenvalues": 0,
+                           "gram_fallbacks": 0, "randomized_fallbacks": 0}
 
 
 def test_cholesky_and_eigen_whitening_give_the_same_optimum():

@@ -49,3 +49,47 @@ def test_drift_reads_each_shards_tensors_and_the_published_factors(llama70b):
     drift = drift_phase(cfg, shards, 0.0, RATES)
     assert drift.read_bytes == plan.model_params * 2 + plan.params_after * 2
     assert drift.written_bytes == 0 and drift.seconds > max(s.weights_bytes for s in shards) / 2e9
+
+
+def test_the_70b_plan_with_the_assumed_h100_rates_is_under_30_minutes_and_prints_its_floor(capsys):
+    from nesta_ray.compress import main as compress_main
+
+    assert compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "rates assumed (NVIDIA H100" in out and "| physical floor" in out
+    total_h = float(out.split("| total | ")[1].split(" |")[0])
+    line = out.split("\nestimate ")[1].split("\n")[0]
+    estimate_s = float(line.split("(")[1].split(" s)")[0].replace(",", ""))
+    floor_s = float(line.split("a floor of ")[1].split(" s:")[0].replace(",", ""))
+    assert total_h * 3600 == pytest.approx(estimate_s, rel=0.01) and estimate_s < 30 * 60
+    ratio = float(line.split("s: ")[1].split("x the floor")[0])
+    assert 1.0 < ratio == pytest.approx(estimate_s / floor_s, rel=0.01)
+    assert f"| floor | {floor_s:,.1f} |" in out
+
+
+def test_the_gram_factorisation_is_planned_cheaper_than_full_svds(llama70b):
+    cfg, hf_config, plan = llama70b
+    gram = shard_plan(cfg, plan, hf_config)[0]
+    svd = shard_plan(cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"factorization": "svd"})}),
+                     plan, hf_config)[0]
+    assert gram.decomposition_work["svd"] == 0 and gram.decomposition_work["eigh"] > 0
+    assert svd.decomposition_work["svd"] > 0 and gram.decomposition_flops < svd.decomposition_flops
+    assert gram.decomposition_work["cholesky"] == pytest.approx(10 * (3 * 8192**3 + 28672**3) / 3)  # one per group
+    assert 0 < gram.gram_flops < gram.calibration_flops and gram.copy_bytes > 0
+
+
+def test_a_rates_file_given_with_the_flag_replaces_the_configs_rates(tmp_path, capsys):
+    from nesta_ray.compress import main as compress_main
+    from nesta_ray.plan.rates import rates_file
+
+    path = tmp_path / "cpu.json"
+    path.write_text(rates_file("CPU twin", {"matmul_gflops": 100.0, "svd_gflops": 1.0}))
+    assert compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run", "--rates",
+                          str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "rates measured (CPU twin; cpu.json)" in out and "assumed" not in out
+    total_h = float(out.split("| total | ")[1].split(" |")[0])
+    assert total_h > 10  # the plan at a CPU's rates is hours, not minutes
+    assert compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run", "--rates",
+                          str(tmp_path / "none.json")]) == 2
+    assert "rates file" in capsys.readouterr().err
