@@ -11,10 +11,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nesta_ray"
 ORDER = [
     "errors",
     # pure math: the method
-    "method.tensors", "method.guards", "method.ranks", "method.whitening", "method.decompose", "method.drift",
+    "method.tensors", "method.guards", "method.ranks", "method.whitening", "method.anchored", "method.decompose",
+    "method.drift", "method.allocation",
     # the model's structure and calibration
     "model.arch", "model.layers", "model.lowrank_linear", "model.lowrank", "model.modeling_nesta_lowrank",
-    "model.registration", "model.calibration",
+    "model.registration", "model.calibration", "model.cross_calibration", "model.sensitivity",
     # configuration and the plan
     "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.timing",
     # model and data I/O
@@ -44,7 +45,8 @@ BOUNDARIES = {"ray": {"ops.metrics", "pipeline.ray_env", "pipeline.embedded", "p
               "deepspeed": {"pipeline.backends"},
               "lm_eval": {"ops.lmeval", "lmeval"}}
 PURE = {m for m in ORDER if m.startswith("method.")}  # stdlib + torch (+ numpy for transport) + errors only
-PURE_ALLOWED = {"__future__", "math", "dataclasses", "typing", "collections", "torch", "numpy", "nesta_ray"}
+PURE_ALLOWED = {"__future__", "math", "dataclasses", "typing", "collections", "heapq", "torch", "numpy",
+                "nesta_ray"}
 
 
 def _module_name(path: Path) -> str:

@@ -24,6 +24,7 @@ from typing import Literal, get_args
 import torch
 
 from nesta_ray.errors import NumericalError
+from nesta_ray.method.anchored import anchored_left, anchored_loss, anchored_target
 from nesta_ray.method.guards import check_finite, lapack
 from nesta_ray.method.ranks import k1_by_tolerance, split_rank
 from nesta_ray.method.tensors import NumpyPickled
@@ -31,6 +32,7 @@ from nesta_ray.method.whitening import Whitening, diagonal_scaling, whiten
 
 MethodName = Literal["svd", "asvd0", "asvd1", "asvd2", "nsvd1", "nsvd2"]
 METHODS: tuple[str, ...] = get_args(MethodName)
+AnchorName = Literal["regression", "left"]  # the anchored fit (``method.anchored``)
 # The input scaling each method applies before its SVD: none, ASVD's diagonal, or a whitening of the Gram.
 SCALING_OF: dict[str, str | None] = {"svd": None, "asvd0": "diagonal", "asvd1": "cholesky", "asvd2": "eigen",
                                      "nsvd1": "cholesky", "nsvd2": "eigen"}
@@ -46,11 +48,16 @@ def is_nested(name: str) -> bool:
 @dataclass(frozen=True)
 class InputStats(NumpyPickled):
     """Calibration statistics of one layer input of width n: the normalised Gram G = XᵀX/T (n, n) and the mean
-    |x| per channel (n,), both float64, over ``tokens`` tokens. Either may be None where no method needs it."""
+    |x| per channel (n,), both float64, over ``tokens`` tokens. Either may be None where no method needs it.
+    The anchored fit (``method.anchored``) also needs, with ``gram`` then being Ĝ = X̂ᵀX̂/T of the compressed
+    model's inputs X̂, the cross-Gram ``cross`` C = XᵀX̂/T against the dense model's inputs X and their Gram
+    ``dense_gram`` G = XᵀX/T (``method.anchored`` has the maths)."""
 
     gram: torch.Tensor | None = None  # (n, n)
     abs_mean: torch.Tensor | None = None  # (n,)
     tokens: int = 0
+    cross: torch.Tensor | None = None  # (n, n), anchored fit only
+    dense_gram: torch.Tensor | None = None  # (n, n), anchored fit only
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,11 @@ class Method:
 
     ``name`` is one of METHODS; ``k1_tolerance`` (nested methods) picks k1 per matrix, the smallest whose whitened
     loss is within (1 + tolerance) of the rank-k optimum, and None uses the global ``k1_fraction`` instead;
-    ``damping`` is the relative Gram damping λ; ``alpha`` is ASVD's scaling exponent. Raises ValueError for an
-    unknown name or a knob out of range.
+    ``damping`` is the relative Gram damping λ; ``alpha`` is ASVD's scaling exponent; ``anchored`` fits the
+    whitened stage to the dense model's outputs from the compressed model's inputs (``method.anchored``; a
+    whitened method only) by ``anchor``: "regression" (reduced-rank regression on all n input directions) or
+    "left" (the whitened SVD's B of the compressed inputs, A refitted by a k-dimensional regression). Raises ValueError
+    for an unknown name or a knob out of range.
     """
 
     name: MethodName = "nsvd1"
@@ -68,6 +78,8 @@ class Method:
     k1_tolerance: float | None = 0.02
     damping: float = 1e-6
     alpha: float = 0.5
+    anchored: bool = False
+    anchor: AnchorName = "regression"
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -76,6 +88,10 @@ class Method:
             raise ValueError(f"method knobs out of range: {self}")
         if self.k1_tolerance is not None and self.k1_tolerance < 0:
             raise ValueError(f"k1_tolerance must be >= 0 or None, got {self.k1_tolerance}")
+        if self.anchor not in get_args(AnchorName):
+            raise ValueError(f"unknown anchor {self.anchor!r}; choose from {get_args(AnchorName)}")
+        if self.anchored and self.scaling_kind not in ("cholesky", "eigen"):
+            raise ValueError(f"the anchored fit needs a whitened method (asvd1/2, nsvd1/2), not {self.name}")
 
     @property
     def nested(self) -> bool:
@@ -133,8 +149,9 @@ class Factors(NumpyPickled):
     """One decomposed linear: its factor pair and the statistics that produced it.
 
     ``A`` (m, k) and ``B`` (k, n) with k = k1 + k2 (k2 = 0 unless nested); ``loss`` is the whitened loss of A·B
-    under the undamped Gram (plain Frobenius loss when no Gram was given); ``relative_loss`` divides it by
-    tr(W·G·Wᵀ); ``fallbacks`` counts the numerical fallbacks of its scaling; ``seconds`` is the time it took.
+    under the undamped Gram (plain Frobenius loss when no Gram was given; the undamped anchored objective for
+    the anchored fit); ``relative_loss`` divides it by tr(W·G·Wᵀ) (G the dense Gram); ``fallbacks`` counts the
+    numerical fallbacks of its scaling; ``seconds`` is the time it took.
     Pickles its tensors as numpy arrays (``NumpyPickled``).
     """
 
@@ -182,12 +199,18 @@ def whitened_svd(W: torch.Tensor, wh: Whitening) -> USV:
 
 def scale(W: torch.Tensor, method: Method, stats: InputStats | None = None,
           whitening: Whitening | None = None) -> Scaled:
-    """The method's scaling of W (m, n) (``whitening`` if given, e.g. shared by a group) and the SVD of W·S.
-    Raises ValueError / NumericalError as ``Method.scaling`` and ``whitened_svd``."""
+    """The method's scaling of W (m, n) (``whitening`` if given, e.g. shared by a group) and the SVD of W·S, or
+    for the anchored fit of M = W·(C + μI)·S⁻ᵀ (``anchored_target``). Raises ValueError when the anchored fit
+    lacks its statistics, ValueError / NumericalError as ``Method.scaling`` and ``whitened_svd``."""
     wh = whitening if whitening is not None else method.scaling(stats)
     if wh is None:
         check_finite("weight", W)
         return Scaled(None, _svd(W.detach().to(torch.float64)))
+    if method.anchored and method.anchor == "regression":
+        if stats is None or stats.gram is None or stats.cross is None:
+            raise ValueError("the anchored fit needs the compressed-stream Gram and the cross-Gram "
+                             "(calibration.mode: propagate)")
+        return Scaled(wh, _svd(anchored_target(W, stats.gram, stats.cross, wh)))
     return Scaled(wh, whitened_svd(W, wh))
 
 
@@ -225,7 +248,8 @@ def decompose(W: torch.Tensor, method: Method, rank: int, stats: InputStats | No
     ``svd`` needs no statistics; ``asvd0`` needs ``stats.abs_mean`` (n,); the whitened methods need ``stats.gram``
     (n, n). ``scaled`` is ``scale(W, method, stats)`` computed once and reused across ranks or shared within an
     input group. Nested methods keep k1 of the scaled SVD (``k1`` if given, else ``method.split``) and spend
-    k2 = k − k1 on a plain SVD of the residual. Raises ValueError for a bad rank or k1, NumericalError for
+    k2 = k − k1 on a plain SVD of the residual; with ``method.anchored`` the first stage is the anchored fit
+    (``stats`` then carries Ĝ, C and G). Raises ValueError for a bad rank or k1, NumericalError for
     non-finite inputs or results.
     """
     _check_args(W, method, rank, scaled, k1)
@@ -236,6 +260,11 @@ def decompose(W: torch.Tensor, method: Method, rank: int, stats: InputStats | No
     k1, k2 = (k1, rank - k1) if k1 is not None else method.split(rank, s)
     A, BS = _truncate(U, s, Vh, k1)  # (m, k1), (k1, n): B·S of the first stage
     B = scaled.whitening.right_solve(BS) if scaled.whitening is not None else BS
+    if method.anchored and method.anchor == "left" and k1 > 0:
+        if stats is None or stats.gram is None or stats.cross is None or scaled.whitening is None:
+            raise ValueError("the anchored fit needs the compressed-stream Gram and the cross-Gram")
+        mu = scaled.whitening.damping * float(torch.diagonal(stats.gram).mean())
+        A = anchored_left(W64, B, stats.gram, stats.cross, mu)
     if k2 > 0:
         U2, s2, Vh2 = _svd(W64 - A @ B)  # residual (m, n)
         A2, B2 = _truncate(U2, s2, Vh2, k2)
@@ -243,7 +272,12 @@ def decompose(W: torch.Tensor, method: Method, rank: int, stats: InputStats | No
     A, B = A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous()
     check_finite(f"{method.name} factor A", A)
     check_finite(f"{method.name} factor B", B)
-    loss, rel = whitened_loss(W64, A, B, stats.gram if stats is not None else None)
+    if method.anchored:
+        if stats is None or stats.gram is None or stats.cross is None or stats.dense_gram is None:
+            raise ValueError("the anchored fit's loss needs the compressed, cross and dense Grams")
+        loss, rel = anchored_loss(W64, A, B, stats.gram, stats.cross, stats.dense_gram)
+    else:
+        loss, rel = whitened_loss(W64, A, B, stats.gram if stats is not None else None)
     if not (math.isfinite(loss) and math.isfinite(rel)):
         raise NumericalError(f"{method.name} produced a non-finite whitened loss")
     fallbacks = scaled.whitening.fallbacks() if scaled.whitening is not None else {}
@@ -257,7 +291,7 @@ def decompose_group(weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int
     ``weights`` maps names to (m_i, n) weights; ``ranks`` gives each one's rank. Errors as in ``decompose``.
     """
     wh = method.scaling(stats)
-    return {name: decompose(W, method, ranks[name], stats, scaled=scale(W, method,
+    return {name: decompose(W, method, ranks[name], stats, scaled=scale(W, method, stats,
                                                                         whitening=wh) if wh is not None else None,
                             out_dtype=out_dtype)
             for name, W in weights.items()}
