@@ -119,6 +119,10 @@ def forward_inputs(runs: list[Callable[[torch.Tensor, Any], torch.Tensor]], hidd
     return inputs, hidden
 
 
+def _runner(layer: nn.Module) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    return lambda hidden, kwargs: run_layer(layer, hidden, kwargs)
+
+
 def collect_projections(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, micro_batch: int,
                         linears: Mapping[int, Mapping[str, nn.Module]],
                         fishers: Mapping[str, ComponentFisher]) -> float:
@@ -127,7 +131,7 @@ def collect_projections(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, mic
     module) to ``fishers``. Returns the summed NLL."""
     layers = decoder_layers(model, spec)
     first = min(linears, default=len(layers))  # no layer below it needs a backward
-    runs = [lambda h, kw, layer=layer: run_layer(layer, h, kw) for layer in layers]
+    runs = [_runner(layer) for layer in layers]
     total = 0.0
     for s in range(0, ids.shape[0], micro_batch):
         batch = ids[s : s + micro_batch]  # (b, L)
