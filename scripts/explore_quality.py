@@ -9,7 +9,7 @@ exceeds that budget). Writes JSON + markdown; ``--variants`` picks from VARIANTS
     python scripts/explore_quality.py --seed 0 --eval-windows 4 --variants asvd1 nsvd1_f95 nsvd1_tol05
     python scripts/explore_quality.py --seed 1 --eval-windows 8 --variants asvd1 nsvd1_tol05_alloc
     python scripts/explore_quality.py collect results/explore_*.json     # one table over every run
-    python scripts/explore_quality.py targets results/explore14_*.json   # issue 14's targets against asvd1
+    python scripts/quality_targets.py results/explore14_*.json          # issue 14's targets against asvd1
 
 Issue 14's variants: ``*_anchored`` (propagate mode, the anchored fit by reduced-rank regression: two streams,
 dense and compressed, through the layers), ``*_anchl`` (the anchored fit's left refit: B of the compressed
@@ -313,38 +313,9 @@ def collect(paths: list[str]) -> str:
                   "mean log-ppl (5 non-calib sets)", "Δ vs asvd1", "c4 ppl / asvd1", "k1 share"], body)
 
 
-ENGLISH_SCRIPT = ("en_wikipedia", "en_instruct", "code")  # issue 14's second off-domain bar
-
-
-def targets(paths: list[str]) -> str:
-    """Issue 14's targets per row against asvd1 of the same (model, seed, windows, ratio): c4_heldout perplexity
-    ≥ 20% lower (at 10–20%; at 30% no worse), the five off-domain sets' mean log-ppl ≥ 0.15 nats lower and the
-    three English-script sets' ≥ 0.10 lower (at 30%: no worse on either)."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    key = lambda d: (d["model_folder"], d["args"]["seed"], d["args"].get("mix", "en"),  # noqa: E731
-                     d["args"]["calib_windows"], d["args"]["eval_windows"])
-    base = {(key(d), r["ratio"]): r["nll"] for d in runs for r in d["rows"] if r["variant"] == "asvd1"}
-    en = lambda nll: sum(nll[n] for n in ENGLISH_SCRIPT) / len(ENGLISH_SCRIPT)  # noqa: E731
-    body = []
-    for d in runs:
-        for r in d["rows"]:
-            b = base.get((key(d), r["ratio"]))
-            if b is None or r["variant"] in ("asvd1", "dense"):
-                continue
-            c4 = math.exp(r["nll"][CALIBRATION_SET] - b[CALIBRATION_SET])
-            d5, d3 = mean_other_nll(r["nll"]) - mean_other_nll(b), en(r["nll"]) - en(b)
-            far = r["ratio"] < 0.25
-            met = [c4 <= 0.8 if far else c4 <= 1.0, d5 <= -0.15 if far else d5 <= 0, d3 <= -0.10 if far else d3 <= 0]
-            body.append([d["model_folder"].split("-")[0], str(d["args"]["seed"]), str(d["args"]["calib_windows"]),
-                         f"{r['ratio']:.0%}", r["variant"], f"{c4:.4f}", f"{d5:+.4f}", f"{d3:+.4f}",
-                         " ".join("✓" if m else "✗" for m in met)])
-    return table(["model", "seed", "calib windows", "ratio", "variant", "c4 ppl / asvd1", "Δ5 nats", "Δ3 (en) nats",
-                  "targets c4 / 5 / 3"], body)
-
-
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] in ("collect", "targets"):
-        print((collect if sys.argv[1] == "collect" else targets)(sys.argv[2:]))
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "collect":
+        print(collect(sys.argv[2:]))
         return 0
     args = parse_args(argv)
     torch.manual_seed(args.seed)
