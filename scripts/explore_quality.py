@@ -104,7 +104,7 @@ VARIANTS = {
     "nsvd1_tol02_anchl": Variant("nsvd1", k1_tol=0.02, mode="propagate", anchored=True, anchor="left"),
     "asvd1_sens": Variant("asvd1", sens=True),
     "nsvd1_tol02_sens": Variant("nsvd1", k1_tol=0.02, sens=True),
-    "nsvd1_tol02_sens_min50": Variant("nsvd1", k1_tol=0.02, sens=True, sens_min=0.5),
+    "nsvd1_tol02_anchl_sens": Variant("nsvd1", k1_tol=0.02, mode="propagate", anchored=True, anchor="left", sens=True),
     "asvd1_anchored_sens": Variant("asvd1", mode="propagate", anchored=True, sens=True),
     "nsvd1_tol02_anchored_sens": Variant("nsvd1", k1_tol=0.02, mode="propagate", anchored=True, sens=True),
 }
