@@ -68,7 +68,7 @@ class Variant:
     anchored: bool = False  # propagate mode: fit to the dense outputs from the compressed inputs (two streams)
     anchor: str = "regression"  # the anchored fit: reduced-rank regression, or "left" (A refitted for B)
     sens: bool = False  # allocation by measured sensitivity (K-FAC loss curves), dense past break-even
-    sens_min: float = 0.0  # sensitivity allocation guard: rank >= sens_min · uniform rank (and >= 1)
+    unit: bool = False  # ablation of sens: p_i = 1 / Σσ² (each matrix's normalised whitened loss), dense allowed
 
 
 VARIANTS = {
@@ -104,6 +104,7 @@ VARIANTS = {
     "nsvd1_tol02_anchl": Variant("nsvd1", k1_tol=0.02, mode="propagate", anchored=True, anchor="left"),
     "asvd1_sens": Variant("asvd1", sens=True),
     "nsvd1_tol02_sens": Variant("nsvd1", k1_tol=0.02, sens=True),
+    "asvd1_unit_dense": Variant("asvd1", sens=True, unit=True),
     "nsvd1_tol02_anchl_sens": Variant("nsvd1", k1_tol=0.02, mode="propagate", anchored=True, anchor="left", sens=True),
     "asvd1_anchored_sens": Variant("asvd1", mode="propagate", anchored=True, sens=True),
     "nsvd1_tol02_anchored_sens": Variant("nsvd1", k1_tol=0.02, mode="propagate", anchored=True, sens=True),
@@ -189,15 +190,14 @@ class Decomposer:
                 self.wh[name] = self.wh[(i, group)]
 
     def ranks(self, ratio: float, variant: Variant, proj: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
-        """Uniform ranks at ``ratio``, or their parameter budget reallocated by the whitened spectra, or by the
-        sensitivity curves of the loss-gradient projections ``proj`` (linears kept dense are left out)."""
+        """Uniform ranks at ``ratio``, or their budget reallocated (whitened spectra; sensitivity curves ``proj``)."""
         uniform = {j: rank_for_ratio(m, n, ratio) for j, (m, n) in self.shape.items()}
         if variant.sens:
-            assert proj is not None
             budget = sum(uniform[j] * sum(self.shape[j]) for j in uniform)
-            curves = {j: loss_curve(self.usv[j][1], proj[j]) for j in uniform}
-            lo = {j: max(1, math.ceil(variant.sens_min * uniform[j])) for j in uniform}
-            return allocate(curves, self.shape, budget, min_ranks=lo).ranks
+            s = {j: self.usv[j][1] for j in uniform}
+            curves = {j: loss_curve(s[j], torch.full_like(s[j], 1 / float((s[j] ** 2).sum())) if variant.unit
+                                    else proj[j]) for j in uniform}
+            return allocate(curves, self.shape, budget).ranks
         if not variant.alloc:
             return uniform
         costs = {j: m + n for j, (m, n) in self.shape.items()}
