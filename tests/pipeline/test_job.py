@@ -63,17 +63,15 @@ def test_k1_tolerance_picks_k1_per_matrix_identically_embedded_and_sharded(ray_l
 def test_anchored_job_writes_identical_checkpoints_embedded_and_sharded(ray_local, tiny3_folder, tmp_path):
     def cfg(out, workers, **method):
         raw = _cfg(tiny3_folder, out, workers, mode="propagate").model_dump(mode="json")
-        raw["method"].update(method)
+        raw["method"].update(method)  # anchored ≠ propagate is tested in test_embedded.py
         raw["evaluation"]["sets"] = []
         return validate(raw)
 
     embedded = run_job(cfg(tmp_path / "a", 0, anchored=True))
     sharded = run_job(cfg(tmp_path / "b", 2, anchored=True))
-    plain = run_job(cfg(tmp_path / "c", 0))
-    a, b, c = _tensors(embedded), _tensors(sharded), _tensors(plain)
-    assert set(a) == set(b) == set(c)
+    a, b = _tensors(embedded), _tensors(sharded)
+    assert set(a) == set(b) and "model.layers.2.mlp.down_proj.A" in a
     assert all((a[k] == b[k]).all() for k in a)
-    assert any(not (a[k] == c[k]).all() for k in a)  # the anchored fit is not the propagate fit
     meta = json.loads((Path(embedded["run_uri"]) / "nesta.json").read_text())
     assert (meta["anchored"], meta["anchor"]) == (True, "regression")
 
