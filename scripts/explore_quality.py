@@ -1,4 +1,4 @@
-"""Quality exploration: nested split rules, global rank allocation, damping and calibration choices, one table.
+"""Quality exploration: nested split rules, rank allocation, damping, calibration and anchored fits, one table.
 
 Calibration statistics are collected once per (model, seed, calibration mixture) and cached on disk; each
 variant then decomposes every linear in-process (one whitening per input group and one whitened SVD per matrix
@@ -9,6 +9,16 @@ exceeds that budget). Writes JSON + markdown; ``--variants`` picks from VARIANTS
     python scripts/explore_quality.py --seed 0 --eval-windows 4 --variants asvd1 nsvd1_f95 nsvd1_tol05
     python scripts/explore_quality.py --seed 1 --eval-windows 8 --variants asvd1 nsvd1_tol05_alloc
     python scripts/explore_quality.py collect results/explore_*.json     # one table over every run
+    python scripts/quality_targets.py results/explore14_*.json          # issue 14's targets against asvd1
+
+Issue 14's variants: ``*_anchored`` (propagate mode, the anchored fit by reduced-rank regression: two streams,
+dense and compressed, through the layers), ``*_anchl`` (the anchored fit's left refit: B of the compressed
+inputs' whitened SVD, A regressed), ``*_sens`` (ranks by measured sensitivity: K-FAC loss curves from one
+backward pass over the first ``--sens-windows`` calibration windows, the uniform budget, dense past break-even)
+and their combinations. Quick mode (one seed, 20%, the job's 64 calibration windows):
+
+    python scripts/explore_quality.py --seed 0 --ratios 0.2 --calib-windows 64 --eval-windows 8 --sens-windows 16 \
+        --variants asvd1 nsvd1_tol02 asvd1_sens nsvd1_tol02_sens nsvd1_tol02_anchl asvd1_anchl nsvd1_tol02_anchored
 """
 
 from __future__ import annotations
@@ -28,13 +38,16 @@ import torch
 
 from nesta_ray.data.text import pick_windows, read_text, token_windows
 from nesta_ray.io.sources import load_model, resolve_model
-from nesta_ray.method.decompose import InputStats, Method, Scaled, decompose, whitened_svd
+from nesta_ray.method.allocation import allocate, loss_curve
+from nesta_ray.method.decompose import InputStats, Method, Scaled, decompose, scale, whitened_svd
 from nesta_ray.method.ranks import allocate_ranks, k1_by_tolerance, rank_for_ratio, split_rank
 from nesta_ray.method.whitening import whiten
 from nesta_ray.model.arch import arch_for
 from nesta_ray.model.calibration import collect_statistics, layer_inputs, run_with_statistics
-from nesta_ray.model.layers import decoder_layers, layer_linears, run_layer, set_submodule
+from nesta_ray.model.cross_calibration import run_two_streams
+from nesta_ray.model.layers import decoder_layers, group_inputs, layer_linears, run_layer, set_submodule
 from nesta_ray.model.lowrank import install_factors
+from nesta_ray.model.sensitivity import ComponentFisher, collect_projections
 from nesta_ray.ops.evaluation import perplexity
 from nesta_ray.report.markdown import table
 
@@ -52,6 +65,10 @@ class Variant:
     alloc: bool = False  # global allocation (normalised whitened loss per parameter) instead of uniform ranks
     alloc_min: float = 0.5  # allocation guard: rank >= alloc_min · uniform rank
     mode: str = "original"  # or "propagate": calibrate each layer through the already-compressed ones
+    anchored: bool = False  # propagate mode: fit to the dense outputs from the compressed inputs (two streams)
+    anchor: str = "regression"  # the anchored fit: reduced-rank regression, or "left" (A refitted for B)
+    sens: bool = False  # allocation by measured sensitivity (K-FAC loss curves), dense past break-even
+    unit: bool = False  # ablation of sens: p_i = 1 / Σσ² (each matrix's normalised whitened loss), dense allowed
 
 
 VARIANTS = {
@@ -81,6 +98,16 @@ VARIANTS = {
     "nsvd1_f95_propagate": Variant("nsvd1", k1_fraction=0.95, mode="propagate"),
     "nsvd1_tol02_propagate": Variant("nsvd1", k1_tol=0.02, mode="propagate"),
     "nsvd1_tol05_propagate": Variant("nsvd1", k1_tol=0.05, mode="propagate"),
+    "asvd1_anchored": Variant("asvd1", mode="propagate", anchored=True),
+    "nsvd1_tol02_anchored": Variant("nsvd1", k1_tol=0.02, mode="propagate", anchored=True),
+    "asvd1_anchl": Variant("asvd1", mode="propagate", anchored=True, anchor="left"),
+    "nsvd1_tol02_anchl": Variant("nsvd1", k1_tol=0.02, mode="propagate", anchored=True, anchor="left"),
+    "asvd1_sens": Variant("asvd1", sens=True),
+    "nsvd1_tol02_sens": Variant("nsvd1", k1_tol=0.02, sens=True),
+    "asvd1_unit_dense": Variant("asvd1", sens=True, unit=True),
+    "nsvd1_tol02_anchl_sens": Variant("nsvd1", k1_tol=0.02, mode="propagate", anchored=True, anchor="left", sens=True),
+    "asvd1_anchored_sens": Variant("asvd1", mode="propagate", anchored=True, sens=True),
+    "nsvd1_tol02_anchored_sens": Variant("nsvd1", k1_tol=0.02, mode="propagate", anchored=True, sens=True),
 }
 MIXES = {"en": {"en_web_c4_owt.txt": 1.0},
          "en_ja_zh": {"en_web_c4_owt.txt": 0.5, "ja_manpages.txt": 0.25, "zh_manpages.txt": 0.25}}
@@ -103,6 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared machine 2 threads spin against other jobs, SVDs ran 30x slower)")
     p.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model (a reference only)")
+    p.add_argument("--sens-windows", type=int, default=32,
+                   help="*_sens variants: the first N calibration windows give the loss-gradient projections")
     p.add_argument("--cache", default=os.environ.get("NESTA_EXPLORE_CACHE", "/tmp/nesta_explore_cache"))
     p.add_argument("--out", default=None, help="JSON path (default results/explore_<model>_seed<seed>_w<eval>.json)")
     return p.parse_args(argv)
@@ -160,9 +189,15 @@ class Decomposer:
                 self.usv[name] = whitened_svd(W, self.wh[(i, group)])
                 self.wh[name] = self.wh[(i, group)]
 
-    def ranks(self, ratio: float, variant: Variant) -> dict[str, int]:
-        """Uniform ranks at ``ratio``, or their parameter budget reallocated by the whitened spectra."""
+    def ranks(self, ratio: float, variant: Variant, proj: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+        """Uniform ranks at ``ratio``, or their budget reallocated (whitened spectra; sensitivity curves ``proj``)."""
         uniform = {j: rank_for_ratio(m, n, ratio) for j, (m, n) in self.shape.items()}
+        if variant.sens:
+            budget = sum(uniform[j] * sum(self.shape[j]) for j in uniform)
+            s = {j: self.usv[j][1] for j in uniform}
+            curves = {j: loss_curve(s[j], torch.full_like(s[j], 1 / float((s[j] ** 2).sum())) if variant.unit
+                                    else proj[j]) for j in uniform}
+            return allocate(curves, self.shape, budget).ranks
         if not variant.alloc:
             return uniform
         costs = {j: m + n for j, (m, n) in self.shape.items()}
@@ -178,20 +213,21 @@ class Decomposer:
             return k1_by_tolerance(self.usv[name][1], k, variant.k1_tol)
         return split_rank(k, variant.k1_fraction)[0]
 
-    def factors(self, name: str, k: int, variant: Variant, W: torch.Tensor | None = None,
-                gram: torch.Tensor | None = None):
-        """Factors of one linear; with ``W``/``gram`` given (propagate mode) its whitening is recomputed."""
-        method = Method(variant.method, damping=self.damping, k1_tolerance=None)
-        if gram is None:
+    def factors(self, name: str, k: int, variant: Variant, stats: InputStats | None = None):
+        """Factors of one linear; with ``stats`` (propagate mode: the compressed inputs' statistics, and for the
+        anchored fit the cross and dense Grams) its whitening and SVD are recomputed."""
+        method = Method(variant.method, damping=self.damping, k1_tolerance=None, anchored=variant.anchored,
+                        anchor=variant.anchor)
+        if stats is None:
             return decompose(self.weights[name], method, k, InputStats(gram=self.grams[name]),
                              scaled=Scaled(self.wh[name], self.usv[name]), k1=self.k1(name, k, variant))
-        wh = whiten(gram, "cholesky", self.damping)
-        usv = whitened_svd(W, wh)
+        W = self.weights[name]
+        scaled = scale(W, method, stats)
         k1 = None
         if variant.method == "nsvd1":
-            k1 = k1_by_tolerance(usv[1], k, variant.k1_tol) if variant.k1_tol is not None else split_rank(
+            k1 = k1_by_tolerance(scaled.usv[1], k, variant.k1_tol) if variant.k1_tol is not None else split_rank(
                 k, variant.k1_fraction)[0]
-        return decompose(W, method, k, InputStats(gram=gram), scaled=Scaled(wh, usv), k1=k1)
+        return decompose(W, method, k, stats, scaled=scaled, k1=k1)
 
 
 def compress(model, spec, dec: Decomposer, ranks: dict[str, int], variant: Variant, calib, args) -> dict:
@@ -204,17 +240,49 @@ def compress(model, spec, dec: Decomposer, ranks: dict[str, int], variant: Varia
             info[name] = (f.rank, f.k1, f.relative_loss)
         return info
     batches = layer_inputs(model, spec, calib, args.micro_batch)
+    dense = batches  # the anchored fit's dense stream
     for i, layer in enumerate(decoder_layers(model, spec)):
-        _, stats = run_with_statistics(layer, spec, spec.groups, batches)
+        if variant.anchored:
+            dense_out, _, stats = run_two_streams(lambda h, kw, layer=layer: run_layer(layer, h, kw),
+                                                  group_inputs(layer, spec), dense, batches)
+            dense = [(out, kw) for out, (_, kw) in zip(dense_out, dense)]
+        else:
+            _, stats = run_with_statistics(layer, spec, spec.groups, batches)
         for path in layer_linears(layer, spec, TARGETS):
             name = f"{spec.layers}.{i}.{path}"
+            if name not in ranks:  # kept dense by the allocation
+                continue
             group = spec.group_of(path.rsplit(".", 1)[-1])
-            f = dec.factors(name, ranks[name], variant, W=dec.weights[name], gram=stats[group].gram)
+            f = dec.factors(name, ranks[name], variant, stats[group])
             install_factors(model, {name: f})
             info[name] = (f.rank, f.k1, f.relative_loss)
         with torch.no_grad():
             batches = [(run_layer(layer, h, kw), kw) for h, kw in batches]
     return info
+
+
+def projections(model, spec, dec: Decomposer, calib: torch.Tensor, args, folder: str) -> dict[str, torch.Tensor]:
+    """Per linear, Σ_t (g_tᵀ u_i)² of the loss gradient at its output onto its whitened SVD's u_i, over the first
+    ``--sens-windows`` calibration windows of the dense model: from the cache or one backward pass."""
+    windows = calib[: args.sens_windows]
+    key = hashlib.sha256(Path(folder).name.encode() + windows.numpy().tobytes()
+                         + repr(dec.damping).encode()).hexdigest()[:16]
+    path = Path(args.cache) / f"{Path(folder).name}_sens_s{args.seed}_n{args.sens_windows}_{key}.npz"
+    if path.exists():
+        data = np.load(path)
+        print(f"projections from {path}", flush=True)
+        return {k: torch.from_numpy(data[k]) for k in data.files}
+    fishers = {name: ComponentFisher(usv[0]) for name, usv in dec.usv.items()}
+    linears: dict[int, dict] = {}
+    for name in dec.usv:
+        layer = int(name.removeprefix(f"{spec.layers}.").split(".")[0])
+        linears.setdefault(layer, {})[name] = model.get_submodule(name)
+    start = time.perf_counter()
+    collect_projections(model, spec, windows, args.micro_batch, linears, fishers)
+    print(f"projections of {windows.shape[0]} windows: {time.perf_counter() - start:.0f}s", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{name: f.sums.numpy() for name, f in fishers.items()})
+    return {name: f.sums for name, f in fishers.items()}
 
 
 def evaluate(model, sets: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -269,27 +337,32 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         print(f"dense {rows[-1]['nll']}", flush=True)
     order = sorted(args.variants, key=lambda v: VARIANTS[v].damping)
-    dec = None
+    dec, proj = None, None
     for name in order:
         variant = VARIANTS[name]
         if dec is None or dec.damping != variant.damping:
-            dec = None
+            dec, proj = None, None
             start = time.perf_counter()
             dec = Decomposer(model, spec, grams, variant.damping)
             print(f"whitened SVDs at damping {variant.damping}: {time.perf_counter() - start:.0f}s", flush=True)
+        if variant.sens and proj is None:
+            proj = projections(model, spec, dec, calib, args, folder)
         for ratio in args.ratios:
             start = time.perf_counter()
-            ranks = dec.ranks(ratio, variant)
+            ranks = dec.ranks(ratio, variant, proj)
             info = compress(model, spec, dec, ranks, variant, calib, args)
             decompose_s = time.perf_counter() - start
             nll = evaluate(model, sets)
-            params = sum(k * sum(dec.shape[j]) for j, k in ranks.items())
+            dense = sorted(set(dec.shape) - set(ranks))
+            params = sum(k * sum(dec.shape[j]) for j, k in ranks.items()) + sum(math.prod(dec.shape[j])
+                                                                              for j in dense)
             k1_share = sum(r[1] for r in info.values()) / sum(r[0] for r in info.values())
             rows.append({"variant": name, "ratio": ratio, "nll": nll, "params_after": params,
                          "k1_share": round(k1_share, 4), "decompose_s": round(decompose_s, 1),
                          "rank_min_max": [min(ranks.values()), max(ranks.values())],
                          "mean_relative_loss": sum(r[2] for r in info.values()) / len(info),
-                         "ranks": ranks if variant.alloc else None})
+                         "uniform_params": sum(rank_for_ratio(m, n, ratio) * (m + n) for m, n in dec.shape.values()),
+                         "dense": dense, "ranks": ranks if variant.alloc or variant.sens else None})
             evaluate_s = time.perf_counter() - start - decompose_s
             print(f"{name} {ratio}: mean_other={mean_other_nll(nll):.4f} c4={nll[CALIBRATION_SET]:.4f} "
                   f"k1_share={k1_share:.3f} ({decompose_s:.0f}s + eval {evaluate_s:.0f}s)", flush=True)

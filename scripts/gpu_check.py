@@ -18,6 +18,7 @@ On a random 4-layer Llama (hidden 512) saved as safetensors, one shard holding e
                            its full fp64 factorisations take tens of minutes there)
   rates                    every rate the plan uses, measured on the GPU (nesta_ray/ops/rates_probe.py), written
                            as a rates file to --rates-out for ``--rates FILE`` (default: beside --out)
+  cpu_anchored, gpu_anchored   propagate mode with the anchored fit (method.anchored: two streams per layer)
 Comparisons: Grams and factors bit-identical between the backends on one device, the max relative difference of
 Grams and of A·B between GPU and CPU, and the whitened loss's relative difference per linear. Writes JSON to --out
 (default: $OUT/gpu_check.json if $OUT is set, else results/gpu_check.json) and exits 1 if a check failed or a
@@ -54,6 +55,7 @@ from nesta_ray.plan.rates import rates_file
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHOD = Method("nsvd1", k1_tolerance=None)
+ANCHORED = Method("nsvd1", k1_tolerance=None, anchored=True)
 THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 LAYERS = 4
 SHAPES_70B = [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]
@@ -99,6 +101,24 @@ def run_shard(folder: str, plan, ids: torch.Tensor, scratch: Path, name: str, sp
             "losses": {k: v.loss for k, v in staged.items()},
             "report": {"status": "ok", "device": summary["device"], "seconds": round(time.perf_counter() - start, 2),
                        "peak_device_bytes": summary["peak_device_bytes"], **extra}}
+
+
+def run_anchored(folder: str, plan, ids: torch.Tensor, scratch: Path, name: str, device: str) -> dict:
+    """One shard over every layer in propagate mode with the anchored fit (two streams, cross-Grams on the
+    device, summed in fp64 on the host): its factors and seconds."""
+    start = time.perf_counter()
+    stage = LayerStage(str(scratch / name), "check")
+    shard = LayerShard(ModelSource(folder, folder), ShardPart(list(range(LAYERS)), first=True, last=True),
+                       Work(plan, ANCHORED, micro_batch=2, threads=THREADS, mode="propagate"), stage,
+                       ShardOptions(backend=BackendSpec()), device=device)
+    inputs = [shard.embed(ids[s : s + 2].numpy()) for s in range(0, ids.shape[0], 2)]
+    out = shard.calibrate(*inputs)
+    summary = shard.decompose(*inputs)
+    shard.close()
+    staged = {k: v for i in range(LAYERS) for k, v in stage.get(i).items()}
+    return {"grams": {}, "factors": {k: (v.A, v.B) for k, v in staged.items()},
+            "report": {"status": "ok", "device": summary["device"], "seconds": round(time.perf_counter() - start, 2),
+                       "streams_shape": list(out[0][0].shape)}}
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -219,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
             print(name, json.dumps(report["checks"][name])[:300], flush=True)
 
         attempt("cpu_layerwise", lambda: run_shard(folder, plan, ids, scratch, "cpu-lw", BackendSpec(), "cpu"))
+        attempt("cpu_anchored", lambda: run_anchored(folder, plan, ids, scratch, "cpu-an", "cpu"))
+        if cuda:
+            attempt("gpu_anchored", lambda: run_anchored(folder, plan, ids, scratch, "gpu-an", "cuda"))
+        else:
+            report["checks"]["gpu_anchored"] = skip
         if cuda:
             attempt("gpu_layerwise", lambda: run_shard(folder, plan, ids, scratch, "gpu-lw", BackendSpec(), "cuda"))
             resident = backends.RESIDENT_FRACTION
@@ -255,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                   ("gpu_deepspeed_nvme", "gpu_layerwise"), ("cpu_deepspeed", "cpu_layerwise"),
                   ("ray_placement", "gpu_layerwise" if cuda else "cpu_layerwise")]
     failed = [n for n, c in report["checks"].items() if c.get("status") == "failed"]
-    for a, b in must_match + [("gpu_layerwise", "cpu_layerwise")]:
+    for a, b in must_match + [("gpu_layerwise", "cpu_layerwise"), ("gpu_anchored", "cpu_anchored")]:
         if a in runs and b in runs:
             c = compare(runs[a], runs[b])
             report["comparisons"][f"{a} vs {b}"] = c

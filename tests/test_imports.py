@@ -11,11 +11,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nesta_ray"
 ORDER = [
     "errors", "redaction",
     # pure math: the method
-    "method.tensors", "method.guards", "method.ranks", "method.whitening", "method.factorize", "method.decompose",
-    "method.drift",
+    "method.tensors", "method.guards", "method.ranks", "method.whitening", "method.factorize", "method.anchored",
+    "method.decompose", "method.drift", "method.allocation",
     # the model's structure and calibration
     "model.arch", "model.layers", "model.lowrank_linear", "model.lowrank", "model.modeling_nesta_lowrank",
-    "model.registration", "model.precision", "model.calibration",
+    "model.registration", "model.precision", "model.calibration", "model.cross_calibration", "model.sensitivity",
     # configuration and the plan
     "config.validators", "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.rates", "plan.timing",
     # model and data I/O
@@ -46,7 +46,8 @@ BOUNDARIES = {"ray": {"ops.metrics", "pipeline.ray_env", "pipeline.embedded", "p
               "deepspeed": {"pipeline.backends"},
               "lm_eval": {"ops.lmeval", "lmeval"}}
 PURE = {m for m in ORDER if m.startswith("method.")}  # stdlib + torch (+ numpy for transport) + errors only
-PURE_ALLOWED = {"__future__", "math", "dataclasses", "typing", "collections", "torch", "numpy", "nesta_ray"}
+PURE_ALLOWED = {"__future__", "math", "dataclasses", "typing", "collections", "heapq", "torch", "numpy",
+                "nesta_ray"}
 
 
 def _module_name(path: Path) -> str:

@@ -64,7 +64,8 @@ class RunMeta:
             "format": FORMAT, "format_version": self.format_version, "nesta_ray_version": __version__,
             "run_id": self.run_id, "dtype": self.dtype, "method": self.method.name, "ratio": self.ratio,
             "k1_fraction": self.method.k1_fraction, "k1_tolerance": self.method.k1_tolerance,
-            "damping": self.method.damping, "alpha": self.method.alpha,
+            "damping": self.method.damping, "alpha": self.method.alpha, "anchored": self.method.anchored,
+            "anchor": self.method.anchor,
             "modules": {name: r.as_dict() for name, r in self.modules.items()},
             "solvers": dict(Counter(r.solver for r in self.modules.values())),  # linears per device/precision/method
             "tied": self.tied, "parameters": self.parameters, "fallbacks": self.fallbacks,
@@ -82,7 +83,8 @@ class RunMeta:
             raise CheckpointError(f"{where}: not a {FORMAT} {readable} checkpoint (nesta.json says "
                                   f"{got[0]} v{got[1]})")
         try:
-            method = Method(obj["method"], obj["k1_fraction"], obj["k1_tolerance"], obj["damping"], obj["alpha"])
+            method = Method(obj["method"], obj["k1_fraction"], obj["k1_tolerance"], obj["damping"], obj["alpha"],
+                            bool(obj.get("anchored", False)), obj.get("anchor", "regression"))  # older runs: absent
             modules = {name: _record(r) for name, r in obj["modules"].items()}
             return cls(str(obj["run_id"]), str(obj["dtype"]), method, obj["ratio"], modules, dict(obj["tied"]),
                        dict(obj["parameters"]), dict(obj["fallbacks"]), dict(obj["fingerprints"]),

@@ -74,6 +74,13 @@ class MethodConfig(_Strict):
     damping: float = Field(_DEFAULT.damping, ge=0.0, le=0.1,
                            description="relative Gram damping λ (λ·mean diag added), in [0, 0.1]")
     alpha: float = Field(_DEFAULT.alpha, gt=0.0, le=2.0, description="ASVD scaling exponent, in (0, 2]")
+    anchored: bool = Field(_DEFAULT.anchored, description="fit each linear's whitened stage to the dense model's "
+                           "outputs from the inputs the compressed model produces (reduced-rank regression, "
+                           "nesta_ray/method/anchored.py); a whitened method with calibration.mode: propagate")
+    anchor: Literal["regression", "left"] = Field(
+        _DEFAULT.anchor, description="anchored: the fit: regression (reduced-rank regression of the whitened stage "
+        "on all n input directions) or left (the whitened SVD's right factor of the compressed inputs kept, the "
+        "left factor refitted: a k-dimensional regression, far fewer coefficients to estimate)")
     targets: list[str] = Field(default_factory=lambda: list(ALL_TARGETS), min_length=1,
                                description=f"linears to compress, from {ALL_TARGETS}")
     layers: list[int] | None = Field(None, min_length=1, description="decoder layer indices to compress (default: all)")
@@ -102,11 +109,16 @@ class MethodConfig(_Strict):
         bad = {k: v for k, v in self.rank_overrides.items() if v < 1}
         if bad:
             raise ValueError(f"rank_overrides must be >= 1, got {bad}")
+        if self.anchored and self.name in ("svd", "asvd0"):
+            raise ValueError(f"anchored needs a whitened method (asvd1, asvd2, nsvd1, nsvd2), not {self.name}")
+        if self.ratio == "auto" and self.anchored:
+            raise ValueError("ratio: auto tries ratios on the dense statistics; anchored needs a fixed ratio")
         return self
 
     def as_method(self) -> Method:
         """The decomposition knobs as the frozen object ``decompose`` takes."""
-        return Method(self.name, self.k1_fraction, self.k1_tolerance, self.damping, self.alpha)
+        return Method(self.name, self.k1_fraction, self.k1_tolerance, self.damping, self.alpha, self.anchored,
+                      self.anchor)
 
 
 class TextSource(_Strict):
@@ -359,6 +371,13 @@ class JobConfig(_Strict):
                                  f"(defined: {names})")
             if not self.evaluation.dense:
                 raise ValueError("gate.max_increase compares with the dense model: set evaluation.dense: true")
+        return self
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> JobConfig:
+        m = self.method
+        if m.anchored and self.calibration.mode != "propagate":
+            raise ValueError("method.anchored fits the compressed model's inputs: set calibration.mode: propagate")
         return self
 
     def with_ratio(self, ratio: float) -> JobConfig:

@@ -25,6 +25,7 @@ from typing import Literal, get_args
 import torch
 
 from nesta_ray.errors import NumericalError
+from nesta_ray.method.anchored import anchored_left, anchored_loss, anchored_target
 from nesta_ray.method.factorize import USV, Solver, full_svd, residual_factors, spectrum, truncate
 from nesta_ray.method.guards import check_finite
 from nesta_ray.method.ranks import k1_by_tolerance, split_rank
@@ -33,6 +34,7 @@ from nesta_ray.method.whitening import Whitening, diagonal_scaling, whiten
 
 MethodName = Literal["svd", "asvd0", "asvd1", "asvd2", "nsvd1", "nsvd2"]
 METHODS: tuple[str, ...] = get_args(MethodName)
+AnchorName = Literal["regression", "left"]  # the anchored fit (``method.anchored``)
 # The input scaling each method applies before its SVD: none, ASVD's diagonal, or a whitening of the Gram.
 SCALING_OF: dict[str, str | None] = {"svd": None, "asvd0": "diagonal", "asvd1": "cholesky", "asvd2": "eigen",
                                      "nsvd1": "cholesky", "nsvd2": "eigen"}
@@ -47,11 +49,16 @@ def is_nested(name: str) -> bool:
 @dataclass(frozen=True)
 class InputStats(NumpyPickled):
     """Calibration statistics of one layer input of width n: the normalised Gram G = XᵀX/T (n, n) and the mean
-    |x| per channel (n,), both float64, over ``tokens`` tokens. Either may be None where no method needs it."""
+    |x| per channel (n,), both float64, over ``tokens`` tokens. Either may be None where no method needs it.
+    The anchored fit (``method.anchored``) also needs, with ``gram`` then being Ĝ = X̂ᵀX̂/T of the compressed
+    model's inputs X̂, the cross-Gram ``cross`` C = XᵀX̂/T against the dense model's inputs X and their Gram
+    ``dense_gram`` G = XᵀX/T (``method.anchored`` has the maths)."""
 
     gram: torch.Tensor | None = None  # (n, n)
     abs_mean: torch.Tensor | None = None  # (n,)
     tokens: int = 0
+    cross: torch.Tensor | None = None  # (n, n), anchored fit only
+    dense_gram: torch.Tensor | None = None  # (n, n), anchored fit only
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,11 @@ class Method:
 
     ``name`` is one of METHODS; ``k1_tolerance`` (nested methods) picks k1 per matrix, the smallest whose whitened
     loss is within (1 + tolerance) of the rank-k optimum, and None uses the global ``k1_fraction`` instead;
-    ``damping`` is the relative Gram damping λ; ``alpha`` is ASVD's scaling exponent. Raises ValueError for an
-    unknown name or a knob out of range.
+    ``damping`` is the relative Gram damping λ; ``alpha`` is ASVD's scaling exponent; ``anchored`` fits the
+    whitened stage to the dense model's outputs from the compressed model's inputs (``method.anchored``; a
+    whitened method only) by ``anchor``: "regression" (reduced-rank regression on all n input directions) or
+    "left" (the whitened SVD's B of the compressed inputs, A refitted by a k-dimensional regression). Raises ValueError
+    for an unknown name or a knob out of range.
     """
 
     name: MethodName = "nsvd1"
@@ -69,6 +79,8 @@ class Method:
     k1_tolerance: float | None = 0.02
     damping: float = 1e-6
     alpha: float = 0.5
+    anchored: bool = False
+    anchor: AnchorName = "regression"
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -77,6 +89,10 @@ class Method:
             raise ValueError(f"method knobs out of range: {self}")
         if self.k1_tolerance is not None and self.k1_tolerance < 0:
             raise ValueError(f"k1_tolerance must be >= 0 or None, got {self.k1_tolerance}")
+        if self.anchor not in get_args(AnchorName):
+            raise ValueError(f"unknown anchor {self.anchor!r}; choose from {get_args(AnchorName)}")
+        if self.anchored and self.scaling_kind not in ("cholesky", "eigen"):
+            raise ValueError(f"the anchored fit needs a whitened method (asvd1/2, nsvd1/2), not {self.name}")
 
     @property
     def nested(self) -> bool:
@@ -145,9 +161,10 @@ class Factors(NumpyPickled):
     """One decomposed linear: its factor pair and the statistics that produced it.
 
     ``A`` (m, k) and ``B`` (k, n) with k = k1 + k2 (k2 = 0 unless nested); ``loss`` is the whitened loss of A·B
-    under the undamped Gram (plain Frobenius loss when no Gram was given); ``relative_loss`` divides it by
-    tr(W·G·Wᵀ); ``fallbacks`` counts the numerical fallbacks of its scaling and factorisation; ``seconds`` is the
-    time it took; ``solver`` says where and how it was factorised.
+    under the undamped Gram (plain Frobenius loss when no Gram was given; the undamped anchored objective for
+    the anchored fit); ``relative_loss`` divides it by tr(W·G·Wᵀ) (G the dense Gram); ``fallbacks`` counts the
+    numerical fallbacks of its scaling and factorisation; ``seconds`` is the time it took; ``solver`` says where
+    and how it was factorised.
     Pickles its tensors as numpy arrays (``NumpyPickled``).
     """
 
@@ -188,21 +205,37 @@ def on_solver(stats: InputStats | None, solver: Solver) -> InputStats | None:
     if stats is None:
         return None
     move = lambda t: None if t is None else t.to(solver.device, solver.torch_dtype)  # noqa: E731
-    return InputStats(move(stats.gram), move(stats.abs_mean), stats.tokens)
+    return InputStats(move(stats.gram), move(stats.abs_mean), stats.tokens, move(stats.cross),
+                      move(stats.dense_gram))
 
 
 def scale(W: torch.Tensor, method: Method, stats: InputStats | None = None,
           whitening: Whitening | None = None, solver: Solver | None = None) -> Scaled:
     """The method's scaling of W (m, n) (``whitening`` if given, e.g. shared by a group, on the solver's device)
-    and the solver's factorisation of W·S, both where and as ``solver`` says (default: the CPU in float64).
-    Raises ValueError / NumericalError as ``Method.scaling`` and ``factorize.spectrum``."""
+    and the solver's factorisation of W·S, or for the anchored fit of M = W·(C + μI)·S⁻ᵀ (``anchored_target``),
+    both where and as ``solver`` says (default: the CPU in float64). Raises ValueError when the anchored fit lacks
+    its statistics, ValueError / NumericalError as ``Method.scaling`` and ``factorize.spectrum``."""
     solver = solver or Solver()
-    wh = whitening if whitening is not None else method.scaling(on_solver(stats, solver), solver.torch_dtype)
+    stats = on_solver(stats, solver)
+    wh = whitening if whitening is not None else method.scaling(stats, solver.torch_dtype)
     check_finite("weight", W)
     Wd = W.detach().to(solver.device, solver.torch_dtype)
     m, n = W.shape
-    usv, fallbacks = spectrum(wh.apply(Wd) if wh is not None else Wd, solver.first_for(m, n))
+    usv, fallbacks = spectrum(wh.apply(fit_target(Wd, method, stats, wh)) if wh is not None else Wd,
+                              solver.first_for(m, n))
     return Scaled(wh, usv, fallbacks)
+
+
+def fit_target(W: torch.Tensor, method: Method, stats: InputStats | None, wh: Whitening) -> torch.Tensor:
+    """The weight (m, n) whose whitened truncation is the first stage: W itself, or for the anchored regression
+    the damped least-squares fit W·(C + μI)·(Ĝ + μI)⁻¹ = M·S⁻¹ (by solves, on W's device in W's dtype), whose
+    truncation in the Ĝ-whitened norm is the reduced-rank regression. Raises ValueError without Ĝ and C."""
+    if not (method.anchored and method.anchor == "regression"):
+        return W
+    if stats is None or stats.gram is None or stats.cross is None:
+        raise ValueError("the anchored fit needs the compressed-stream Gram and the cross-Gram "
+                         "(calibration.mode: propagate)")
+    return wh.right_solve(anchored_target(W, stats.gram, stats.cross, wh).to(W))
 
 
 def whitened_loss(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, G: torch.Tensor | None) -> tuple[float, float]:
@@ -242,18 +275,25 @@ def decompose(W: torch.Tensor, method: Method, rank: int, stats: InputStats | No
     ``svd`` needs no statistics; ``asvd0`` needs ``stats.abs_mean`` (n,); the whitened methods need ``stats.gram``
     (n, n). ``scaled`` is ``scale(W, method, stats)`` computed once and reused across ranks or shared within an
     input group. Nested methods keep k1 of the scaled factorisation (``k1`` if given, else ``method.split``) and
-    spend k2 = k − k1 on a plain truncated SVD of the residual. Raises ValueError for a bad rank or k1,
-    NumericalError for non-finite inputs or results.
+    spend k2 = k − k1 on a plain truncated SVD of the residual; with ``method.anchored`` the first stage is the
+    anchored fit (``stats`` then carries Ĝ, C and G). Raises ValueError for a bad rank or k1, NumericalError for
+    non-finite inputs or results.
     """
     solver = solver or Solver()
     _check_args(W, method, rank, scaled, k1)
     check_finite("weight", W)
-    stats = on_solver(stats, solver)
+    cpu_stats, stats = stats, on_solver(stats, solver)
     Wd = W.detach().to(solver.device, solver.torch_dtype)
     scaled = scaled.to(solver.device) if scaled is not None else scale(Wd, method, stats, solver=solver)
     k1, k2 = (k1, rank - k1) if k1 is not None else method.split(rank, scaled.usv[1])
     wh = scaled.whitening
-    A, B = truncate(scaled.usv, k1, Wd, wh.right_solve if wh else None, wh.times if wh else None)
+    target = fit_target(Wd, method, stats, wh) if wh is not None else Wd
+    A, B = truncate(scaled.usv, k1, target, wh.right_solve if wh else None, wh.times if wh else None)
+    if method.anchored and method.anchor == "left" and k1 > 0:
+        if stats is None or stats.gram is None or stats.cross is None or wh is None:
+            raise ValueError("the anchored fit needs the compressed-stream Gram and the cross-Gram")
+        mu = wh.damping * float(torch.diagonal(stats.gram).mean())
+        A = anchored_left(Wd, B, stats.gram, stats.cross, mu).to(Wd)
     fallbacks = {**(wh.fallbacks() if wh is not None else {}), "gram_fallbacks": 0, "randomized_fallbacks": 0,
                  **scaled.fallbacks}
     if k2 > 0:
@@ -263,7 +303,12 @@ def decompose(W: torch.Tensor, method: Method, rank: int, stats: InputStats | No
     A, B = A.to("cpu", out_dtype).contiguous(), B.to("cpu", out_dtype).contiguous()
     check_finite(f"{method.name} factor A", A)
     check_finite(f"{method.name} factor B", B)
-    loss, rel = whitened_loss(Wd, A, B, stats.gram if stats is not None else None)
+    if method.anchored:
+        if cpu_stats is None or cpu_stats.gram is None or cpu_stats.cross is None or cpu_stats.dense_gram is None:
+            raise ValueError("the anchored fit's loss needs the compressed, cross and dense Grams")
+        loss, rel = anchored_loss(W.detach(), A, B, cpu_stats.gram, cpu_stats.cross, cpu_stats.dense_gram)
+    else:
+        loss, rel = whitened_loss(Wd, A, B, stats.gram if stats is not None else None)
     if not (math.isfinite(loss) and math.isfinite(rel)):
         raise NumericalError(f"{method.name} produced a non-finite whitened loss")
     m, n = W.shape
@@ -282,5 +327,5 @@ def decompose_group(weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int
     stats = on_solver(stats, solver)
     wh = method.scaling(stats, solver.torch_dtype)
     return {name: decompose(W, method, ranks[name], stats, out_dtype=out_dtype, solver=solver,
-                            scaled=scale(W, method, whitening=wh, solver=solver) if wh is not None else None)
+                            scaled=scale(W, method, stats, whitening=wh, solver=solver) if wh is not None else None)
             for name, W in weights.items()}

@@ -79,6 +79,20 @@ def _shard_lines(cfg: JobConfig, plan: Plan, hf_config: Any, rates: Rates) -> li
     ]
 
 
+def anchored_cost(plan: Plan, cfg: JobConfig, hidden: int) -> str:
+    """What the anchored fit (``method.anchored``) adds to a propagate-mode job, as one line: the dense stream of
+    hidden states beside the compressed one, its extra pass per layer and the two more n×n sums per input group."""
+    widths = {(p.layer, p.group): p.n for p in plan.modules}
+    per_layer = max((sum(8 * 2 * n * n for (i, _), n in widths.items() if i == layer) for layer in plan.layers()),
+                    default=0)
+    stream = cfg.calibration.num_sequences * cfg.calibration.seq_len * hidden * 4
+    return (f"anchored fit ({cfg.method.anchor}): a second, dense stream of hidden states (+{stream / 2**30:.3f} GiB "
+            "held, fp32), one more forward of every window through each dense layer (3 passes per layer instead of "
+            "propagate's 2), and per input group the cross-Gram XᵀX̂ and the dense Gram XᵀX beside X̂ᵀX̂ "
+            f"(+{per_layer / 2**20:,.1f} MiB fp64 for the widest layer); on the layer shards the micro-batches "
+            "travel as (2, b, t, d), twice the bytes")
+
+
 def phases_table(phases: list[Phase]) -> str:
     """The phases with their estimated hours and bytes, and the total."""
     gib = lambda b: f"{b / 2**30:,.1f}"  # noqa: E731
@@ -133,6 +147,8 @@ def dry_run(cfg: JobConfig) -> str:
         f"({1 - plan.params_after / plan.params_before:.1%} removed); whole model: {plan.model_params:,} -> "
         f"{plan.model_params - plan.params_before + plan.params_after:,}",
     ]
+    if cfg.method.anchored:
+        lines.append(anchored_cost(plan, cfg, hf_config.hidden_size))
     if cfg.runtime.workers:
         rates, _ = _rates(cfg)
         lines += _shard_lines(cfg, plan, hf_config, rates)

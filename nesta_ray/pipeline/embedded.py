@@ -4,6 +4,8 @@ The calibration windows' hidden states walk through the decoder one layer at a t
 loop): hooks gather each layer's input statistics, one Ray task per input group decomposes its linears. In
 ``original`` mode the next layer sees the dense layer's outputs and decomposition overlaps calibration; in
 ``propagate`` mode the layer is replaced by its low-rank version first and the outputs are recomputed through it.
+With the anchored fit (``method.anchored``, propagate mode) a second, dense stream of hidden states walks beside
+the compressed one, and each layer's compressed-stream statistics are paired with it (``run_two_streams``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from nesta_ray.method.decompose import Factors
 from nesta_ray.method.factorize import Solver
 from nesta_ray.model.arch import ArchSpec
 from nesta_ray.model.calibration import Batch, layer_inputs, run_with_statistics
-from nesta_ray.model.layers import decoder_layers, run_layer, weight_of
+from nesta_ray.model.cross_calibration import run_two_streams
+from nesta_ray.model.layers import decoder_layers, group_inputs, run_layer, weight_of
 from nesta_ray.model.lowrank import install_factors
 from nesta_ray.model.precision import forward_precision
 from nesta_ray.pipeline.precision import device_solver
@@ -112,6 +115,33 @@ class _Loop:
             self.collect(ready)
         return outputs
 
+    def anchored_layer(self, i: int, layer: nn.Module, dense: list[Batch], compressed: list[Batch],
+                       staged: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Propagate mode with the anchored fit: both streams through the dense layer ``i`` (the compressed
+        one's statistics paired with the dense one's inputs), decompose, then the compressed stream again through
+        the compressed layer. Returns the dense and the compressed stream's outputs."""
+        start = time.perf_counter()
+        groups = {} if staged else self.work.plan.for_layer(i)
+        hooked = {g: m for g, m in group_inputs(layer, self.spec).items() if g in groups}
+        dense_out, compressed_out, stats = run_two_streams(lambda h, kw: run_layer(layer, h, kw), hooked, dense,
+                                                           compressed)
+        self.timings.calibration += time.perf_counter() - start
+        if staged:
+            self.from_stage(i)
+        elif groups:
+            self.collect(submit_groups(self.model, groups, stats, self.work, self.solver))
+        if staged or groups:
+            start = time.perf_counter()
+            with torch.no_grad():
+                compressed_out = [run_layer(layer, h, kw) for h, kw in compressed]
+            self.timings.calibration += time.perf_counter() - start
+        return dense_out, compressed_out
+
+
+def _next(batches: list[Batch], outputs: list[torch.Tensor]) -> list[Batch]:
+    """The next layer's micro-batches: ``outputs`` with the layer kwargs of ``batches``."""
+    return [(out, kw) for out, (_, kw) in zip(outputs, batches)]
+
 
 def compress_layerwise(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, work: Work, *,
                        stage: LayerStage | None = None, on_layer: Callable[[int], Any] = lambda i: None,
@@ -129,11 +159,17 @@ def compress_layerwise(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, work
     batches = layer_inputs(model, spec, ids, work.micro_batch)
     loop.timings.calibration += time.perf_counter() - start
     last = max(work.plan.layers(), default=-1)
+    anchored = work.mode == "propagate" and work.method.anchored
+    dense = batches  # the dense stream of the anchored fit (unused otherwise)
     for i, layer in enumerate(decoder_layers(model, spec)):
         if i > last:
             break  # nothing left to compress: later layers need no calibration
-        outputs = loop.layer(i, layer, batches, i in done)
-        batches = [(out, kw) for out, (_, kw) in zip(outputs, batches)]
+        if anchored:
+            dense_out, outputs = loop.anchored_layer(i, layer, dense, batches, i in done)
+            dense = _next(dense, dense_out)
+        else:
+            outputs = loop.layer(i, layer, batches, i in done)
+        batches = _next(batches, outputs)
         on_layer(i)
     loop.collect(loop.pending)
     if work.mode == "original":  # staged layers were kept dense while later layers calibrated

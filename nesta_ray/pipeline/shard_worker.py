@@ -8,10 +8,13 @@ with is ``shard_weights``'; this class only orchestrates.
 Hidden states arrive one micro-batch per call as numpy arrays (zero-copy through Ray's object store) with the
 layer keyword arguments the first shard captured. Calibration in ``original`` mode is batch-major (``forward``:
 one micro-batch through every layer, so shards pipeline); ``propagate`` mode is layer-major (``calibrate``).
+With the anchored fit the hidden states of a micro-batch are two streams, (2, b, t, d): the dense one and the
+compressed one (the first shard starts both from its embeddings).
 """
 
 from __future__ import annotations
 
+import functools
 import resource
 import time
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.io.sources import ModelSource
 from nesta_ray.method.decompose import InputStats
 from nesta_ray.model.calibration import GramAccumulator, InputStatistics
+from nesta_ray.model.cross_calibration import run_two_streams
 from nesta_ray.model.precision import forward_precision
 from nesta_ray.ops.evaluation import nll_sums
 from nesta_ray.pipeline.backends import BackendSpec, ShardPart, open_backend, to_device
@@ -130,10 +134,12 @@ class LayerShard:
         start = time.perf_counter()
         self.switch.ensure(DENSE)
         self.grams.clear()
+        propagate = self.work.mode == "propagate" and self.stage is not None and not every_layer
+        if propagate and self.work.method.anchored:
+            return self._calibrate_anchored(batches)
         current = [self._on_device(b) for b in batches]
         done = set() if every_layer else self._staged()
         wanted = self._wanted(done)
-        propagate = self.work.mode == "propagate" and self.stage is not None and not every_layer
         for i in self.layers:
             if propagate and i in done and self.plan.for_layer(i):
                 assert self.stage is not None
@@ -150,14 +156,50 @@ class LayerShard:
         outs = tuple((h.cpu().numpy(), kw) for (h, _), (_, kw) in zip(current, batches))
         return outs[0] if len(outs) == 1 else outs
 
+    def _calibrate_anchored(self, batches: tuple[Batch, ...]) -> Batch | tuple[Batch, ...]:
+        """``calibrate`` with the anchored fit: per layer, both streams through the dense layer (the compressed
+        stream's statistics paired with the dense one's inputs), decompose (or install the staged factors), then
+        the compressed stream through the compressed layer. Returns (2, b, t, d) hidden states per micro-batch."""
+        start = time.perf_counter()
+        dense, compressed = [], []
+        for hidden, kwargs in batches:
+            pair = hidden if hidden.ndim == 4 else np.stack([hidden, hidden])  # the first shard: embeddings
+            dense.append(self._on_device((pair[0], kwargs)))
+            compressed.append(self._on_device((pair[1], kwargs)))
+        done = self._staged()
+        wanted = self._wanted(done)
+        for i in self.layers:
+            groups = self.plan.for_layer(i) if i in wanted else {}
+            modules = {g: m for g, m in self.backend.inputs_of(i).items() if g in groups}
+            with self.backend.loaded(i):
+                dense_out, compressed_out, stats = run_two_streams(functools.partial(self.backend.run, i), modules,
+                                                                   dense, compressed)
+            if i in done and self.plan.for_layer(i):
+                assert self.stage is not None
+                self.backend.install(i, self.stage.get(i))
+            elif groups:
+                self.seconds["calibration"] += time.perf_counter() - start
+                self._decompose_layer(i, stats)
+                start = time.perf_counter()
+            if self.plan.for_layer(i) and (i in done or groups):
+                compressed_out = self._run(i, compressed, record=False)
+            dense = [(out, kw) for out, (_, kw) in zip(dense_out, dense)]
+            compressed = [(out, kw) for out, (_, kw) in zip(compressed_out, compressed)]
+        self.seen = len(batches)
+        self.seconds["calibration"] += time.perf_counter() - start
+        outs = tuple((np.stack([d.cpu().numpy(), c.cpu().numpy()]), kw)
+                     for (d, _), (c, _), (_, kw) in zip(dense, compressed, batches))
+        return outs[0] if len(outs) == 1 else outs
+
     def _statistics(self, i: int) -> dict[str, InputStats]:
         """Layer ``i``'s normalised statistics per input group; its fp64 sums are freed."""
         return {group: acc.stats() for group, acc in self.grams.pop(i).items()}
 
-    def _decompose_layer(self, i: int) -> None:
+    def _decompose_layer(self, i: int, stats: dict[str, InputStats] | None = None) -> None:
+        """Decompose, install and stage layer ``i`` from ``stats`` (default: its accumulated Grams)."""
         assert self.stage is not None
         start = time.perf_counter()
-        stats, factors = self._statistics(i), {}
+        stats, factors = stats if stats is not None else self._statistics(i), {}
         for group, plans in self.plan.for_layer(i).items():
             part = decompose_task(self.backend.weights(i, plans), plans, self.work.method, stats[group],
                                   self.work.threads, self.solver)

@@ -15,6 +15,7 @@ from nesta_ray.plan.linears import make_plan
 from tiny import tiny_model
 
 ARGS = Method("nsvd1", k1_tolerance=None)
+ANCHORED = Method("nsvd1", k1_tolerance=None, anchored=True)
 
 
 def _plan(model, **kw):
@@ -69,6 +70,27 @@ def test_modes_agree_on_the_first_layer_and_differ_after(ray_local):
     assert not np.array_equal(runs["original"][later].A, runs["propagate"][later].A)
 
 
+def test_anchored_fit_matches_propagate_on_the_first_layer_and_differs_after(ray_local):
+    """Layer 0 sees X̂ = X (the same embeddings), so the anchored fit is the propagate fit to rounding; after it
+    the two streams differ, and so do the fits."""
+    ids = torch.randint(0, 2000, (4, 32), generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for name, method in (("propagate", ARGS), ("anchored", ANCHORED)):
+        model = tiny_model("llama", layers=2)
+        runs[name], _ = compress_layerwise(model, arch_for("llama"), ids, Work(_plan(model), method, micro_batch=2,
+                                                                               mode="propagate"))
+    for path in ("self_attn.q_proj", "mlp.down_proj"):
+        first = f"model.layers.0.{path}"
+        p, a = runs["propagate"][first], runs["anchored"][first]
+        assert (p.k1, p.k2) == (a.k1, a.k2)
+        np.testing.assert_allclose(a.A @ a.B, p.A @ p.B, rtol=0, atol=1e-4 * float(np.abs(p.A @ p.B).max()))
+        assert a.relative_loss == pytest.approx(p.relative_loss, rel=1e-3, abs=1e-6)
+    later = "model.layers.1.self_attn.q_proj"
+    assert not np.allclose(runs["propagate"][later].A @ runs["propagate"][later].B,
+                           runs["anchored"][later].A @ runs["anchored"][later].B)
+    assert all(0 <= f.relative_loss < 1 for f in runs["anchored"].values())
+
+
 def test_factors_are_bit_identical_across_runs(ray_local):
     ids = torch.randint(0, 2000, (4, 32))
     outs = []
@@ -82,8 +104,8 @@ def test_factors_are_bit_identical_across_runs(ray_local):
         assert np.array_equal(outs[0][name].B, outs[1][name].B)
 
 
-@pytest.mark.parametrize("mode", ["original", "propagate"])
-def test_embedded_one_and_two_shards_give_bit_identical_factors(ray_local, tiny3_folder, mode, tmp_path):
+@pytest.mark.parametrize(("mode", "method"), [("original", ARGS), ("propagate", ARGS), ("propagate", ANCHORED)])
+def test_embedded_one_and_two_shards_give_bit_identical_factors(ray_local, tiny3_folder, mode, method, tmp_path):
     from nesta_ray.checkpoint.stage import LayerStage
     from nesta_ray.io.sources import ModelSource, load_model
     from nesta_ray.pipeline.shard_group import compress_sharded
@@ -91,10 +113,11 @@ def test_embedded_one_and_two_shards_give_bit_identical_factors(ray_local, tiny3
     model, _ = load_model(tiny3_folder)
     plan = _plan(model)
     ids = torch.randint(0, 2000, (4, 32), generator=torch.Generator().manual_seed(1))
-    embedded, _ = compress_layerwise(model, arch_for("llama"), ids, Work(plan, ARGS, micro_batch=2, mode=mode))
+    embedded, _ = compress_layerwise(model, arch_for("llama"), ids, Work(plan, method, micro_batch=2, mode=mode))
     for workers in (1, 2):
         stage = LayerStage(str(tmp_path / f"w{workers}"), "fp")
-        out = compress_sharded(ModelSource(tiny3_folder, tiny3_folder), ids, Work(plan, ARGS, micro_batch=2, mode=mode), stage, workers)
+        out = compress_sharded(ModelSource(tiny3_folder, tiny3_folder), ids,
+                               Work(plan, method, micro_batch=2, mode=mode), stage, workers)
         assert out["computed"] == [0, 1, 2]
         sharded = {k: v for i in range(3) for k, v in stage.get(i).items()}
         assert set(sharded) == set(embedded)

@@ -60,6 +60,49 @@ def test_k1_tolerance_picks_k1_per_matrix_identically_embedded_and_sharded(ray_l
     assert meta["k1_tolerance"] == 0.5
 
 
+def test_anchored_job_writes_identical_checkpoints_embedded_and_sharded(ray_local, tiny3_folder, tmp_path):
+    def cfg(out, workers, **method):
+        raw = _cfg(tiny3_folder, out, workers, mode="propagate").model_dump(mode="json")
+        raw["method"].update(method)  # anchored ≠ propagate is tested in test_embedded.py
+        raw["evaluation"]["sets"] = []
+        return validate(raw)
+
+    embedded = run_job(cfg(tmp_path / "a", 0, anchored=True))
+    sharded = run_job(cfg(tmp_path / "b", 2, anchored=True))
+    a, b = _tensors(embedded), _tensors(sharded)
+    assert set(a) == set(b) and "model.layers.2.mlp.down_proj.A" in a
+    assert all((a[k] == b[k]).all() for k in a)
+    meta = json.loads((Path(embedded["run_uri"]) / "nesta.json").read_text())
+    assert (meta["anchored"], meta["anchor"]) == (True, "regression")
+
+
+def test_anchored_needs_propagate_mode_and_a_whitened_method(tiny3_folder, tmp_path):
+    from nesta_ray.errors import ConfigError
+
+    raw = _cfg(tiny3_folder, tmp_path, 0).model_dump(mode="json")
+    raw["method"]["anchored"] = True
+    with pytest.raises(ConfigError, match="calibration.mode: propagate"):
+        validate(raw)
+    raw["calibration"]["mode"] = "propagate"
+    raw["method"]["name"] = "svd"
+    with pytest.raises(ConfigError, match="whitened method"):
+        validate(raw)
+    raw["method"].update(name="asvd1", anchor="both")
+    with pytest.raises(ConfigError, match="anchor"):
+        validate(raw)
+
+
+def test_dry_run_says_what_the_anchored_fit_costs(tiny3_folder, tmp_path):
+    from nesta_ray.pipeline.dry_run import dry_run
+
+    raw = _cfg(tiny3_folder, tmp_path, 0, mode="propagate").model_dump(mode="json")
+    assert "anchored fit" not in dry_run(validate(raw))
+    raw["method"]["anchored"] = True
+    out = dry_run(validate(raw))
+    assert "anchored fit (regression): a second, dense stream of hidden states (+0.000 GiB" in out
+    assert "3 passes per layer" in out and "cross-Gram" in out and "(2, b, t, d)" in out
+
+
 def test_llama70b_dry_run_plans_eight_actors_from_the_meta_device(capsys):
     assert compress_main(["--config", str(REPO / "configs" / "llama70b.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
