@@ -344,8 +344,10 @@ class JobConfig(_Strict):
                                    "to recompress, how many runs to keep")
 
     @model_validator(mode="after")
-    def _disjoint(self) -> JobConfig:
+    def _sections_agree(self) -> JobConfig:
         cal = self.calibration
+        if self.method.anchored and cal.mode != "propagate":
+            raise ValueError("method.anchored fits the compressed model's inputs: set calibration.mode: propagate")
         if cal.num_windows is not None and cal.num_sequences > cal.num_windows:
             raise ValueError(f"calibration.num_sequences ({cal.num_sequences}) exceeds calibration.num_windows "
                              f"({cal.num_windows})")
@@ -359,25 +361,17 @@ class JobConfig(_Strict):
                     f"evaluation set {ev.name!r} overlaps the calibration windows of {ev.key()}; "
                     "set calibration.num_windows and move the set's first_window past them"
                 )
-        auto = self.method.auto
-        if auto is not None and (auto.set not in [s.name for s in self.evaluation.sets] or not self.evaluation.dense):
-            raise ValueError(f"method.auto.set {auto.set!r} must name one of evaluation.sets "
-                             f"({[s.name for s in self.evaluation.sets]}) with evaluation.dense: true")
+        names = [s.name for s in self.evaluation.sets]
+        if (auto := self.method.auto) is not None and (auto.set not in names or not self.evaluation.dense):
+            raise ValueError(f"method.auto.set {auto.set!r} must name one of evaluation.sets ({names}) with "
+                             "evaluation.dense: true")
         if self.gate is not None and self.gate.max_increase:
-            names = [s.name for s in self.evaluation.sets]
             missing = sorted(set(self.gate.max_increase) - set(names))
             if missing:
                 raise ValueError(f"gate.max_increase names sets {missing} that evaluation.sets does not define "
                                  f"(defined: {names})")
             if not self.evaluation.dense:
                 raise ValueError("gate.max_increase compares with the dense model: set evaluation.dense: true")
-        return self
-
-    @model_validator(mode="after")
-    def _method_needs(self) -> JobConfig:
-        m = self.method
-        if m.anchored and self.calibration.mode != "propagate":
-            raise ValueError("method.anchored fits the compressed model's inputs: set calibration.mode: propagate")
         return self
 
     def with_ratio(self, ratio: float) -> JobConfig:
