@@ -282,7 +282,7 @@ def decompose(W: torch.Tensor, method: Method, rank: int, stats: InputStats | No
     solver = solver or Solver()
     _check_args(W, method, rank, scaled, k1)
     check_finite("weight", W)
-    cpu_stats, stats = stats, on_solver(stats, solver)
+    given, stats = stats, on_solver(stats, solver)
     Wd = W.detach().to(solver.device, solver.torch_dtype)
     scaled = scaled.to(solver.device) if scaled is not None else scale(Wd, method, stats, solver=solver)
     k1, k2 = (k1, rank - k1) if k1 is not None else method.split(rank, scaled.usv[1])
@@ -304,9 +304,10 @@ def decompose(W: torch.Tensor, method: Method, rank: int, stats: InputStats | No
     check_finite(f"{method.name} factor A", A)
     check_finite(f"{method.name} factor B", B)
     if method.anchored:
-        if cpu_stats is None or cpu_stats.gram is None or cpu_stats.cross is None or cpu_stats.dense_gram is None:
+        if given is None or given.gram is None or given.cross is None or given.dense_gram is None:
             raise ValueError("the anchored fit's loss needs the compressed, cross and dense Grams")
-        loss, rel = anchored_loss(W.detach(), A, B, cpu_stats.gram, cpu_stats.cross, cpu_stats.dense_gram)
+        # on the host in float64, beside the host factors (a group's statistics may already be on the device)
+        loss, rel = anchored_loss(W.detach().cpu(), A, B, given.gram.cpu(), given.cross.cpu(), given.dense_gram.cpu())
     else:
         loss, rel = whitened_loss(Wd, A, B, stats.gram if stats is not None else None)
     if not (math.isfinite(loss) and math.isfinite(rel)):
