@@ -10,8 +10,7 @@ from __future__ import annotations
 import sys
 
 from nesta_ray.cli import Parser, emit, fail
-from nesta_ray.config.loading import apply_overrides, read_raw, validate
-from nesta_ray.redaction import secrets_of
+from nesta_ray.config.loading import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         [f"runtime.rates={args.rates}"] if args.rates else [])
     secrets: set[str] = set()
     try:
-        raw = apply_overrides(read_raw(args.config), overrides)
-        secrets = secrets_of(raw)
-        cfg = validate(raw)
+        cfg = load_config(args.config, overrides, secrets)
         from nesta_ray.io.sources import quiet_loading
 
         quiet_loading()

@@ -11,8 +11,8 @@ import json
 import sys
 
 from nesta_ray.cli import Parser, emit, fail
-from nesta_ray.config.loading import apply_overrides, read_raw, validate
-from nesta_ray.redaction import redact_obj, secrets_of
+from nesta_ray.config.loading import load_config
+from nesta_ray.redaction import redact_obj
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     secrets: set[str] = set()
     try:
         overrides = args.set + ([f"runtime.rates={args.rates}"] if args.rates else [])
-        raw = apply_overrides(read_raw(args.config), overrides)
-        secrets = secrets_of(raw)
-        cfg = validate(raw)
+        cfg = load_config(args.config, overrides, secrets)
         from nesta_ray.io.sources import quiet_loading
 
         quiet_loading()

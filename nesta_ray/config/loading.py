@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from nesta_ray.config.schema import JobConfig
 from nesta_ray.errors import ConfigError
-from nesta_ray.redaction import HIDDEN, shown, strip_userinfo
+from nesta_ray.redaction import HIDDEN, secrets_of, shown, strip_userinfo
 
 _MAX_PART = 60  # characters of one key of a field path in a message
 _MAX_MESSAGE = 300  # characters of a validator's message (it may quote values)
@@ -124,10 +124,14 @@ def read_raw(path: str) -> dict:
     return raw
 
 
-def load_config(path: str | None, overrides: Sequence[str] = ()) -> JobConfig:
-    """Validated JobConfig from a YAML file plus overrides. Raises ConfigError naming the field and the fix."""
-    raw = read_raw(path) if path is not None else {}
-    return validate(apply_overrides(raw, list(overrides)))
+def load_config(path: str | None, overrides: Sequence[str] = (), secrets: set[str] | None = None) -> JobConfig:
+    """Validated JobConfig from a YAML file plus overrides. ``secrets``, when given, receives the config's secret
+    values (``redaction.secrets_of``) before validation, so that even an invalid config's error can be redacted.
+    Raises ConfigError naming the field and the fix."""
+    raw = apply_overrides(read_raw(path) if path is not None else {}, list(overrides))
+    if secrets is not None:
+        secrets.update(secrets_of(raw))
+    return validate(raw)
 
 
 def validate(raw: dict) -> JobConfig:
