@@ -1,12 +1,8 @@
 """`ray job submit` against a local cluster started by this test: the job's output equals the embedded run's."""
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,16 +11,9 @@ from safetensors.torch import load_file
 
 from paths import C4 as CORPUS
 from paths import REPO
-
-RAY = str(Path(sys.executable).with_name("ray"))
+from ray_head import RAY, head_node
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tensors(root: Path) -> dict:
@@ -36,34 +25,14 @@ def _tensors(root: Path) -> dict:
 
 
 @pytest.fixture()
-def cluster(tmp_path):
-    """A head node on 127.0.0.1 (its own ports and temp dir), stopped by signalling only its own process group."""
+def cluster():
+    """A head node with its own ports whose job server answers (tests/ray_head.py)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
-    dashboard = _free_port()
-    temp = Path("/tmp") / f"nr-{os.getpid()}-{dashboard}"  # short: Ray's socket paths have a length limit
-    head = subprocess.Popen(
-        # Every port its own: another Ray on this machine (the suite's ray_local) holds the default agent ports.
-        [RAY, "start", "--head", "--block", "--num-cpus", "2", "--port", str(_free_port()),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", str(temp),
-         "--include-dashboard", "true", "--dashboard-agent-listen-port", str(_free_port()),
-         "--dashboard-agent-grpc-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
-         "--metrics-export-port", str(_free_port())],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        probe = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True)
-        if probe.returncode == 0:
-            break
-        assert head.poll() is None, head.stdout.read()[-3000:]
-        time.sleep(1)
-    else:
-        pytest.fail("the head node's job server did not come up within 90 s")
-    yield address, env
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
-    shutil.rmtree(temp, ignore_errors=True)
+    with head_node(env, num_cpus=2) as node:
+        probe = subprocess.run([RAY, "job", "list", "--address", node.dashboard], env=env, capture_output=True)
+        assert probe.returncode == 0, probe.stderr[-2000:]
+        yield node.dashboard, env
 
 
 def test_ray_job_submit_matches_the_embedded_run(cluster, tiny3_folder, tmp_path):

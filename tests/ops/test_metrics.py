@@ -5,7 +5,6 @@ endpoint in the discovery file cluster/prometheus.yml reads."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from nesta_ray.ops.metrics import EXPORTED_NAMES, SPECS
 
 from paths import REPO
+from ray_head import head_node
 
-RAY = str(Path(sys.executable).with_name("ray"))
 # Ray's default export interval is 10 s; 1 s keeps the test short (the setting only changes how often, not what).
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
        "RAY_metrics_report_interval_ms": "1000"}
@@ -52,12 +51,6 @@ time.sleep(120)  # keep the gauges' process alive until the test has scraped the
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scrape(port: int) -> dict[str, list]:
     """Samples by name from the node's endpoint, only ours (``ray_nesta_*``)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -71,30 +64,9 @@ def _scrape(port: int) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def head():
-    """A head node with its own ports (the suite's local Ray holds the defaults) and a short temp dir. Stopped by
-    SIGTERM to `ray start` alone, which stops its children in ~2 s (signalling the whole group takes ~33 s); then
-    anything left in its own process group is killed."""
-    gcs, metrics, dashboard = _free_port(), _free_port(), _free_port()
-    temp = Path("/tmp") / f"nrm-{os.getpid()}-{gcs}"  # Ray's socket paths have a length limit
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus", "1", "--port", str(gcs), "--include-dashboard", "true",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--temp-dir", str(temp), "--dashboard-agent-listen-port", str(_free_port()),
-         "--dashboard-agent-grpc-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
-         "--metrics-export-port", str(metrics)],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        yield f"127.0.0.1:{gcs}", metrics, temp
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["rm", "-rf", str(temp)], check=False)
+    """A head node with its own ports, up and answering (tests/ray_head.py)."""
+    with head_node(ENV, num_cpus=1) as node:
+        yield node.address, node.metrics_port, node.temp
 
 
 def test_driver_and_actor_metrics_reach_the_prometheus_endpoint(head):
