@@ -22,7 +22,7 @@ from pathlib import Path
 import ray
 import torch
 
-from nesta_ray.config.schema import MethodConfig
+from nesta_ray.config.method_section import MethodConfig
 from nesta_ray.data.text import pick_windows, read_text, token_windows
 from nesta_ray.io.sources import load_model, resolve_model
 from nesta_ray.method.decompose import METHODS, Method

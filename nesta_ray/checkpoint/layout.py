@@ -95,6 +95,9 @@ def is_factor_key(key: str) -> bool:
     return key.endswith((".A", ".B"))
 
 
+STAGE_ALLOCATION = "allocation.json"  # a stage's rank allocation (method.allocation: sensitivity)
+
+
 def stage_object(layer: int) -> str:
     """Name of layer ``layer``'s object in a stage."""
     return f"{_STAGED[0]}{layer:05d}{_STAGED[1]}"

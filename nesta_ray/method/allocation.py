@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,6 +39,20 @@ def loss_curve(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         raise ValueError("gradient projections are squares: they cannot be negative")
     terms = s.to(torch.float64) ** 2 * p.to(torch.float64)  # (r,)
     return torch.cat([torch.flip(torch.cumsum(torch.flip(terms, (0,)), 0), (0,)), terms.new_zeros(1)])
+
+
+def output_directions(U: torch.Tensor | None, s: torch.Tensor, Vh: torch.Tensor | None,
+                      X: torch.Tensor) -> torch.Tensor:
+    """The left singular vectors U (m, r) of X (m, n) from its factorisation (U or None, σ (r,), Vᵀ (r, n) or
+    None): U itself, else X·V·Σ⁻¹ (the Gram eigh of a tall X gives only V). A column whose σ is below eps·σ₁
+    (+ tiny) is left zero: its direction carries no loss (σ²·p ≈ 0) and dividing by σ would amplify rounding."""
+    if U is not None:
+        return U
+    assert Vh is not None
+    floor = torch.finfo(s.dtype).eps * (float(s[0]) if s.numel() else 1.0) + torch.finfo(s.dtype).tiny
+    keep = s > floor
+    out = (X.to(Vh.dtype) @ Vh.T) / torch.where(keep, s, torch.ones_like(s))  # (m, r)
+    return out * keep
 
 
 def break_even_rank(m: int, n: int) -> int:
@@ -55,6 +70,16 @@ class Allocation:
     params: int
     budget: int
     predicted_loss: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ranks": dict(sorted(self.ranks.items())), "dense": sorted(self.dense), "params": self.params,
+                "budget": self.budget, "predicted_loss": self.predicted_loss}
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Allocation:
+        """``as_dict``'s inverse. Raises KeyError, TypeError or ValueError for a malformed one."""
+        return cls({str(k): int(v) for k, v in obj["ranks"].items()}, tuple(str(n) for n in obj["dense"]),
+                   int(obj["params"]), int(obj["budget"]), float(obj["predicted_loss"]))
 
 
 def _hull(points: list[tuple[int, float, int]]) -> list[tuple[int, float, int]]:

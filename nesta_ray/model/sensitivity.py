@@ -12,7 +12,7 @@ chunks, so a 262k-word head never holds all logits at once) and each layer's inp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -95,7 +95,7 @@ def head_gradient(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: tor
     return grad, total
 
 
-def backward_layers(runs: list[Callable[[torch.Tensor, Any], torch.Tensor]], inputs: list[torch.Tensor],
+def backward_layers(runs: Sequence[Callable[[torch.Tensor, Any], torch.Tensor]], inputs: list[torch.Tensor],
                     kwargs: Any, grad_out: torch.Tensor,
                     hooks: Callable[[int], AbstractContextManager[Any]] = lambda k: nullcontext()) -> torch.Tensor:
     """Back through consecutive layers (``runs[k]``, with stored inputs ``inputs[k]`` (b, t, d)) from the
@@ -108,7 +108,7 @@ def backward_layers(runs: list[Callable[[torch.Tensor, Any], torch.Tensor]], inp
     return grad
 
 
-def forward_inputs(runs: list[Callable[[torch.Tensor, Any], torch.Tensor]], hidden: torch.Tensor,
+def forward_inputs(runs: Sequence[Callable[[torch.Tensor, Any], torch.Tensor]], hidden: torch.Tensor,
                    kwargs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each layer's input (b, t, d) and the last layer's output, by a no-grad forward through ``runs``."""
     inputs = []

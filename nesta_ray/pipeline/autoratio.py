@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nesta_ray.config.schema import AutoRatioConfig, JobConfig
+from nesta_ray.config.method_section import AutoRatioConfig
+from nesta_ray.config.schema import JobConfig
 from nesta_ray.ops.evaluation import perplexity_of
 from nesta_ray.ops.ratio_search import RatioChoice, RatioPoint, search_ratio
 from nesta_ray.pipeline.runner import Runner

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 from nesta_ray.io.storage import join, list_names, put_object
 
-PHASES = ("decompose", "evaluate", "auto_ratio", "drift")
+PHASES = ("decompose", "evaluate", "auto_ratio", "sensitivity", "drift")
 
 
 @dataclass(frozen=True)
 class Fault:
     """Exit the shard's process ``times`` times at ``phase`` (decompose: before staging ``layer``; evaluate,
-    auto_ratio (an evaluation at a tried ratio) and drift: when the shard reaches ``layer``), counting deaths in
+    auto_ratio (an evaluation at a tried ratio), sensitivity (the allocation's dense forward) and drift: when the
+    shard reaches ``layer``), counting deaths in
     marker objects under ``markers``."""
 
     phase: str

@@ -2,10 +2,10 @@
 
 Order of work: resolve the model and run the pre-flight check (``preflight``: what the job reads opened, the output
 probed, the config checked against the model; before any compute), plan on the meta device, refuse a job that
-cannot fit, read text, open the runner (the whole model in this process, or layer-shard actors
-that hold the weights for every later step: no second load), evaluate dense, choose the ratio (``ratio: auto``),
-calibrate + decompose (staging each finished layer), evaluate compressed, generate, gate, assemble the checkpoint
-from the source and the stage, commit, publish. This module only orchestrates.
+cannot fit, read text, open the runner (the whole model in this process, or layer-shard actors that hold the
+weights for every later step: no second load), evaluate dense, choose the ratio (``ratio: auto``) or the ranks
+(``allocation: sensitivity``), calibrate + decompose (staging each finished layer), evaluate compressed, generate,
+gate, assemble the checkpoint from the source and the stage, commit, publish. This module only orchestrates.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ from nesta_ray.pipeline.embedded import compress_layerwise
 from nesta_ray.pipeline.job_output import write_run
 from nesta_ray.pipeline.preflight import preflight
 from nesta_ray.pipeline.progress import progress_bars
+from nesta_ray.pipeline.rank_allocation import allocate_for, allocation_summary
 from nesta_ray.pipeline.ray_env import ensure_ray
 from nesta_ray.pipeline.runner import InProcessModel, Runner
 from nesta_ray.pipeline.shard_group import ShardGroup
-from nesta_ray.pipeline.shard_weights import DENSE, Weights, staged
+from nesta_ray.pipeline.shard_weights import DENSE, Weights, at_ranks, staged
 from nesta_ray.pipeline.tasks import Work
 from nesta_ray.plan.linears import Plan, plan_for
 from nesta_ray.plan.sizing import shard_plan
@@ -97,6 +98,28 @@ def _choose_ratio(ctx: JobContext, runner: Runner, dense: dict[str, dict[str, An
     ctx.timings["auto_ratio"] = time.perf_counter() - start
 
 
+def _allocate(ctx: JobContext, runner: Runner, plan: Plan, stage: LayerStage) -> Plan:
+    """``allocation: sensitivity``: measure and allocate the ranks of the uniform ``plan`` (or take the allocation
+    a previous run of this job staged), then stage the factors at them (the job then finds those layers done);
+    returns the allocated plan (the linears kept dense left out)."""
+    start = time.perf_counter()
+    allocation = stage.allocation()
+    reused = allocation is not None
+    if allocation is None:
+        allocation = allocate_for(runner, plan, ctx.calib, ctx.cfg.method.sensitivity_windows)
+        stage.put_allocation(allocation)
+    allocated = plan.allocated(allocation.ranks, ctx.cfg.method.as_method())
+    todo = sorted(set(allocated.layers()) - stage.done())
+    if todo:
+        if reused:  # a rerun: the SVDs again, not the backward pass
+            runner.prepare(ctx.calib)
+        runner.stage_ratio(at_ranks(allocation.ranks))
+    ctx.report["allocation"] = {**allocation_summary(allocation, plan), "windows": ctx.cfg.method.sensitivity_windows,
+                                "reused_from_stage": reused, "staged_layers": todo}
+    ctx.timings["allocation"] = time.perf_counter() - start
+    return allocated
+
+
 def _compress(ctx: JobContext, runner: InProcessModel | ShardGroup, plan: Plan, stage: LayerStage) -> list[int]:
     """Calibrate and decompose the layers not staged yet (on the shards or in the embedded loop); returns the
     layers computed in this run. Afterwards every planned layer is staged and the runner computes with them."""
@@ -143,6 +166,8 @@ def _lifecycle(ctx: JobContext, runner: InProcessModel | ShardGroup, stage: Laye
         _choose_ratio(ctx, runner, dense)
     plan = plan_for(ctx.source.skeleton, ctx.cfg)
     staged_before = sorted(stage.done() & set(plan.layers()))
+    if cfg.method.allocation == "sensitivity":
+        plan = _allocate(ctx, runner, plan, stage)
     ctx.metrics.layers_total(len(plan.layers()))
     start = time.perf_counter()
     computed = _compress(ctx, runner, plan, stage)
@@ -158,7 +183,7 @@ def _lifecycle(ctx: JobContext, runner: InProcessModel | ShardGroup, stage: Laye
     _gate(ctx, runner, weights)
     if isinstance(runner, ShardGroup):
         ctx.report["shards"] = runner.reports()  # per shard: layers, device, peak memory, seconds, bytes read
-    auto_layers = ctx.report.get("auto_ratio", {}).get("staged_layers", [])
+    auto_layers = [i for key in ("auto_ratio", "allocation") for i in ctx.report.get(key, {}).get("staged_layers", [])]
     ctx.report["resume"] = {"layers": len(plan.layers()), "stage": stage.uri,
                             "staged_before": sorted(set(staged_before) - set(auto_layers)),
                             "computed": sorted(set(computed) | set(auto_layers))}

@@ -23,13 +23,14 @@ from nesta_ray.report.markdown import json_safe, run_markdown, total_fallbacks
 def _summary(ctx: JobContext, plan: Plan, records: dict[str, LinearRecord]) -> dict[str, Any]:
     """The report's description of the run: model, method, calibration, parameters, linears, fallbacks."""
     cfg = ctx.cfg
+    kept = ctx.report.get("allocation", {}).get("dense_params", 0)  # targeted linears an allocation kept dense
     return {
         "model": {"source": cfg.model.source, "model_type": ctx.source.hf_config.model_type,
                   "fingerprint": ctx.source.fingerprint},
         "method": cfg.method.model_dump(),
         "calibration": {**cfg.calibration.model_dump(mode="json", exclude={"logs": {"storage_options"}}),
                         "tokens": ctx.calib.numel(), "fingerprint": fingerprint_tokens(ctx.calib)},
-        "parameters": {"linears_before": plan.params_before, "linears_after": plan.params_after,
+        "parameters": {"linears_before": plan.params_before + kept, "linears_after": plan.params_after + kept,
                        "model_before": plan.model_params,
                        "model_after": plan.model_params - plan.params_before + plan.params_after},
         "modules": {p.name: records[p.name].as_dict() for p in plan.modules},

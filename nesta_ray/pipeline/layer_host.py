@@ -46,6 +46,10 @@ class LayerHost:
         for path, module in self.dense.pop(i, {}).items():
             set_submodule(layer, path, module)
 
+    def module(self, i: int, name: str) -> nn.Module:
+        """Linear ``name`` (full name) of layer ``i`` as the layer holds it now."""
+        return self.layer(i).get_submodule(self._local(i, name))
+
     def _dense_linear(self, i: int, name: str) -> nn.Module:
         """Linear ``name`` of layer ``i`` with its dense weight, even while factors replace it."""
         path = self._local(i, name)

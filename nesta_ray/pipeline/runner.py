@@ -2,8 +2,9 @@
 process (the embedded default) and the layer-shard actors (``ShardGroup``, for models no single machine holds).
 
 Both compute per-window NLL and greedy next tokens under named ``Weights`` (dense, staged, published or a tried
-ratio), prepare and stage the automatic ratio's factors and score drift with the same maths, so the numbers of a
-sharded run equal the in-process ones on the same model.
+ratio), prepare and stage the automatic ratio's factors, measure each linear's sensitivity for the rank
+allocation and score drift with the same maths, so the numbers of a sharded run equal the in-process ones on the
+same model.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,11 +20,12 @@ from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.model.arch import arch_for
 from nesta_ray.model.calibration import collect_statistics
 from nesta_ray.model.layers import config_of
+from nesta_ray.model.sensitivity import collect_projections
 from nesta_ray.ops.evaluation import window_nll
 from nesta_ray.pipeline.layer_host import ModelLayers
 from nesta_ray.pipeline.precision import device_solver
 from nesta_ray.pipeline.shard_weights import DENSE, Weights, WeightsSwitch, staged
-from nesta_ray.pipeline.tasks import Work
+from nesta_ray.pipeline.tasks import Work, fixed_threads
 
 
 class Runner(Protocol):
@@ -42,6 +45,11 @@ class Runner(Protocol):
 
     def stage_ratio(self, weights: Weights) -> list[int]:
         """Stage the factors at a tried ratio's ranks (``weights`` of kind "ratio"); returns the layers staged."""
+        ...
+
+    def sensitivity(self, ids: torch.Tensor) -> dict[str, np.ndarray]:
+        """After ``prepare``: each planned linear's sensitivity curve D (r + 1,) (``method.allocation``) from one
+        backward pass of the summed next-token NLL of windows ``ids`` (N, L) through the dense model."""
         ...
 
     def drift_errors(self, ids: torch.Tensor, weights: Weights) -> dict[str, float]:
@@ -101,6 +109,14 @@ class InProcessModel(AbstractContextManager["InProcessModel"]):
         for i in todo:
             self.stage.put(i, factors[i])
         return todo
+
+    def sensitivity(self, ids: torch.Tensor) -> dict[str, np.ndarray]:
+        self.switch.ensure(DENSE)
+        fishers = self.switch.fishers("cpu")
+        linears = {i: self.switch.linears(i) for i in self.work.plan.layers()}
+        with fixed_threads(self.work.threads):  # the shards' count: the same sums bit for bit
+            collect_projections(self.model, self.spec, ids, self.work.micro_batch, linears, fishers)
+        return self.switch.curves(fishers)
 
     def drift_errors(self, ids: torch.Tensor, weights: Weights) -> dict[str, float]:
         stats = self._dense_statistics(ids)

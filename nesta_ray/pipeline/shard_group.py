@@ -28,7 +28,7 @@ from nesta_ray.errors import ConfigError, ShardStateLost
 from nesta_ray.io.sources import ModelSource
 from nesta_ray.pipeline.backends import ShardPart
 from nesta_ray.pipeline.ray_env import fetch
-from nesta_ray.pipeline.shard_weights import Weights
+from nesta_ray.pipeline.shard_weights import DENSE, Weights
 from nesta_ray.pipeline.shard_worker import LayerShard, ShardOptions
 from nesta_ray.pipeline.tasks import Work
 from nesta_ray.plan.sizing import shard_ranges
@@ -161,6 +161,29 @@ class ShardGroup:
         """The automatic ratio's shared work on calibration windows ``ids``: each shard's scaled SVDs."""
         self.prepared_inputs = self._dense_pass(ids)
         self.fetch([actor.prepare.remote(*mine) for actor, mine in zip(self.actors, self.prepared_inputs)])
+
+    def sensitivity(self, ids: torch.Tensor) -> dict[str, np.ndarray]:
+        """After ``prepare``: each planned linear's sensitivity curve from one backward pass of the summed NLL of
+        windows ``ids`` (N, L): the dense forward shard to shard, then the gradients back from the last shard to
+        the first, one micro-batch per call; a shard restarted meanwhile prepares again and the pass is redone."""
+        return self._rebuilding(lambda: self._sensitivity(ids))
+
+    def _sensitivity(self, ids: torch.Tensor) -> dict[str, np.ndarray]:
+        mb = self.work.micro_batch
+        starts = list(range(0, ids.shape[0], mb))
+        refs = [self.actors[0].embed.remote(ids[s : s + mb].numpy()) for s in starts]
+        inputs = []
+        for actor in self.actors[:-1]:
+            inputs.append(refs)
+            refs = [actor.infer.remote(ref, DENSE, None, "sensitivity") for ref in refs]
+        inputs.append(refs)
+        grads = [self.actors[-1].backward.remote(b, ref, ids[s : s + mb].numpy())
+                 for b, (s, ref) in enumerate(zip(starts, inputs[-1]))]
+        for k in range(len(self.actors) - 2, -1, -1):
+            grads = [self.actors[k].backward.remote(b, inputs[k][b], None, g) for b, g in enumerate(grads)]
+        self.fetch(grads)
+        parts = self.fetch([actor.curves.remote(len(starts)) for actor in self.actors])
+        return {name: curve for part in parts for name, curve in part.items()}
 
     def stage_ratio(self, weights: Weights) -> list[int]:
         """Stage the factors at the chosen ratio; returns the layers staged."""

@@ -14,16 +14,20 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from torch import nn
 
 from nesta_ray.checkpoint.layout import factor_keys
 from nesta_ray.checkpoint.runs import verify_files, weight_index
 from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.errors import ShardStateLost
 from nesta_ray.io.weights import WeightStore
+from nesta_ray.method.allocation import loss_curve, output_directions
 from nesta_ray.method.decompose import Factors, InputStats, Method, Scaled, decompose, on_solver, scale
 from nesta_ray.method.drift import relative_error
 from nesta_ray.method.factorize import Solver
+from nesta_ray.model.sensitivity import ComponentFisher
 from nesta_ray.pipeline.layer_host import LayerHost
 from nesta_ray.pipeline.tasks import fixed_threads
 from nesta_ray.plan.linears import Plan
@@ -56,7 +60,8 @@ def published(run_uri: str, storage_options: dict | None = None) -> Weights:
 
 
 def at_ranks(ranks: dict[str, int]) -> Weights:
-    """The weights of a tried ratio: factors at these ranks (linear name -> rank)."""
+    """The weights of a tried ratio or a rank allocation: factors at these ranks (linear name -> rank); a planned
+    linear these ranks do not name stays dense (an allocation keeps it)."""
     return Weights("ratio", ranks=tuple(sorted(ranks.items())))
 
 
@@ -142,19 +147,48 @@ class WeightsSwitch:
                     scaled = scale(W, self.method, whitening=wh, solver=self.solver).to("cpu")
                     self.prepared[p.name] = (scaled, stats[i][group])
 
-    def at_ratio(self, ranks: dict[str, int]) -> dict[int, dict[str, Factors]]:
-        """Per layer, the factors of the planned linears at ``ranks`` from the prepared SVDs. Raises PipelineError
-        when they are missing (the shard was restarted after ``prepare``)."""
+    def _require_prepared(self) -> None:
         if not self.prepared:
             raise ShardStateLost("a layer shard lost its prepared SVDs (it was restarted during the automatic ratio "
-                                "search); rerun the job")
+                                 "search or the rank allocation); rerun the job")
+
+    def fishers(self, device: torch.device | str) -> dict[str, ComponentFisher]:
+        """Per planned linear, an accumulator of its loss gradients' projections onto the left singular vectors
+        of its prepared scaled SVD (kept on ``device``, where the gradients arrive). Raises ShardStateLost when
+        the SVDs are missing (a restart after ``prepare``)."""
+        self._require_prepared()
+        out: dict[str, ComponentFisher] = {}
+        for i in self.plan.layers():
+            plans = [p for group in self.plan.for_layer(i).values() for p in group]
+            for name, W in self.backend.weights(i, plans).items():
+                scaled = self.prepared[name][0]
+                U, s, Vh = scaled.usv
+                X = torch.from_numpy(W).to(s.dtype)
+                X = scaled.whitening.apply(X) if scaled.whitening is not None and U is None else X
+                out[name] = ComponentFisher(output_directions(U, s, Vh, X), device)
+        return out
+
+    def curves(self, fishers: dict[str, ComponentFisher]) -> dict[str, np.ndarray]:
+        """Per planned linear, its sensitivity curve D (r + 1,) (``allocation.loss_curve``) from its prepared
+        spectrum and the projections ``fishers`` accumulated."""
+        self._require_prepared()
+        return {name: loss_curve(self.prepared[name][0].usv[1], f.sums).numpy() for name, f in fishers.items()}
+
+    def linears(self, i: int) -> dict[str, nn.Module]:
+        """Layer ``i``'s planned linears as its layer holds them now (full name -> module)."""
+        return {name: self.backend.module(i, name) for name in self.plan.names(i)}
+
+    def at_ratio(self, ranks: dict[str, int]) -> dict[int, dict[str, Factors]]:
+        """Per layer, the factors of the planned linears named in ``ranks`` at their ranks from the prepared SVDs
+        (the others stay dense). Raises ShardStateLost when they are missing (a restart after ``prepare``)."""
+        self._require_prepared()
         with fixed_threads(self.threads):
             return self._at_ratio(ranks)
 
     def _at_ratio(self, ranks: dict[str, int]) -> dict[int, dict[str, Factors]]:
         out: dict[int, dict[str, Factors]] = {}
         for i in self.plan.layers():
-            plans = [p for group in self.plan.for_layer(i).values() for p in group]
+            plans = [p for group in self.plan.for_layer(i).values() for p in group if p.name in ranks]
             weights = self.backend.weights(i, plans)
             out[i] = {}
             for p in plans:

@@ -9,7 +9,9 @@ Hidden states arrive one micro-batch per call as numpy arrays (zero-copy through
 layer keyword arguments the first shard captured. Calibration in ``original`` mode is batch-major (``forward``:
 one micro-batch through every layer, so shards pipeline); ``propagate`` mode is layer-major (``calibrate``).
 With the anchored fit the hidden states of a micro-batch are two streams, (2, b, t, d): the dense one and the
-compressed one (the first shard starts both from its embeddings).
+compressed one (the first shard starts both from its embeddings). The rank allocation's sensitivity pass runs the
+other way (``backward``): the loss gradient at a shard's output comes from the next shard (from the head on the
+last one) and the gradient at its input goes to the previous one.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import numpy as np
 import torch
 
 from nesta_ray.checkpoint.stage import LayerStage
+from nesta_ray.errors import ShardStateLost
 from nesta_ray.io.sources import ModelSource
 from nesta_ray.method.decompose import InputStats
 from nesta_ray.model.calibration import GramAccumulator, InputStatistics
 from nesta_ray.model.cross_calibration import run_two_streams
 from nesta_ray.model.precision import forward_precision
+from nesta_ray.model.sensitivity import ComponentFisher, backward_layers, forward_inputs, gradient_hooks, head_gradient
 from nesta_ray.ops.evaluation import nll_sums
 from nesta_ray.pipeline.backends import BackendSpec, ShardPart, open_backend, to_device
 from nesta_ray.pipeline.faults import Fault
@@ -72,9 +76,11 @@ class LayerShard:
         self.staged_at_start = self._staged()
         self.restarted = actor_restarted()  # Ray brought this shard back after its process died
         self.seconds = {"load": time.perf_counter() - start, "calibration": 0.0, "decomposition": 0.0,
-                        "evaluation": 0.0, "drift": 0.0}
+                        "evaluation": 0.0, "drift": 0.0, "sensitivity": 0.0}
         self.computed: list[int] = []
         self.task_seconds: list[float] = []  # per linear, as measured inside the decomposition
+        self.fishers: dict[str, ComponentFisher] = {}  # the sensitivity pass's sums, per planned linear
+        self.backward_seen = 0  # micro-batches the sensitivity pass added, in order
 
     def _staged(self) -> set[int]:
         return self.stage.done() if self.stage is not None else set()
@@ -259,16 +265,56 @@ class LayerShard:
             self.stage.put(i, factors[i])
         return todo
 
-    def infer(self, batch: Batch, weights: Weights, targets: np.ndarray | None = None) -> Batch | np.ndarray:
+    def _loaded_run(self, i: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        with self.backend.loaded(i):
+            return self.backend.run(i, hidden, kwargs)
+
+    def backward(self, index: int, batch: Batch, ids: np.ndarray | None = None,
+                 grad: np.ndarray | None = None) -> np.ndarray:
+        """The sensitivity pass on the dense layers (after ``prepare``): micro-batch ``index`` (0 starts a pass;
+        they must come in order) back through the shard's layers from the gradient ``grad`` (b, t, d) at its
+        output, or on the last shard from the summed next-token NLL of windows ``ids`` (b, L), adding each planned
+        linear's gradient projections. Returns the gradient (b, t, d) at the shard's input (empty on the first
+        shard: nothing needs it). Raises ShardStateLost when a restart lost the SVDs or earlier micro-batches."""
+        start = time.perf_counter()
+        self.switch.ensure(DENSE)
+        if index == 0:
+            self.fishers, self.backward_seen = self.switch.fishers(self.backend.device), 0
+        if index != self.backward_seen or not self.fishers:
+            raise ShardStateLost("a layer shard was restarted during the sensitivity pass")
+        hidden, kwargs = self._on_device(batch)
+        runs = [functools.partial(self._loaded_run, i) for i in self.layers]
+        inputs, out = forward_inputs(runs, hidden, kwargs)
+        if self.part.last:
+            assert ids is not None
+            g, _ = head_gradient(self.backend.logits, out, torch.from_numpy(ids))
+        else:
+            assert grad is not None
+            g = torch.tensor(grad, device=self.backend.device)
+        g = backward_layers(runs, inputs, kwargs, g,
+                            lambda k: gradient_hooks(self.switch.linears(self.layers[k]), self.fishers))
+        self.backward_seen += 1
+        self.seconds["sensitivity"] += time.perf_counter() - start
+        return np.zeros(0, np.float32) if self.part.first else g.cpu().numpy()
+
+    def curves(self, passes: int) -> dict[str, np.ndarray]:
+        """Each planned linear's sensitivity curve from the ``passes`` micro-batches ``backward`` added. Raises
+        ShardStateLost when this shard added fewer (a restart during the pass)."""
+        if self.backward_seen != passes or not self.fishers:
+            raise ShardStateLost("a layer shard was restarted during the sensitivity pass")
+        return self.switch.curves(self.fishers)
+
+    def infer(self, batch: Batch, weights: Weights, targets: np.ndarray | None = None,
+              phase: str = "evaluate") -> Batch | np.ndarray:
         """One micro-batch through the shard's layers computing with ``weights``: the outputs for the next shard;
         on the last shard, the summed next-token NLL (b,) of windows ``targets`` (b, L), or without targets the
-        arg-max next token (b,) after each sequence."""
+        arg-max next token (b,) after each sequence. ``phase`` names the step for fault injection."""
         start = time.perf_counter()
         self.switch.ensure(weights)
         hidden, kwargs = self._on_device(batch)
         with torch.no_grad():
             for i in self.layers:
-                self._fail("auto_ratio" if weights.kind == "ratio" else "evaluate", i)
+                self._fail("auto_ratio" if weights.kind == "ratio" else phase, i)
                 with self.backend.loaded(i):
                     hidden = self.backend.run(i, hidden, kwargs)
             out: Batch | np.ndarray = (hidden.cpu().numpy(), batch[1])

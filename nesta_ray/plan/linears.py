@@ -7,6 +7,7 @@ spectrum decides it (``k1_tolerance``), instead of pretending to know it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -80,6 +81,19 @@ class Plan:
     def subset(self, layers: list[int]) -> Plan:
         """The plan restricted to ``layers`` (a layer shard's part)."""
         return Plan([p for p in self.modules if p.layer in layers], self.model_params)
+
+    def allocated(self, ranks: dict[str, int], method: Method) -> Plan:
+        """This plan with the ranks of an allocation (``method.allocation``): each linear named in ``ranks`` at
+        its rank (the nested split as ``method`` plans it), every other linear left out (it stays dense). Raises
+        ValueError for a name that is not planned or a rank outside [1, min(m, n)]."""
+        planned = {p.name: p for p in self.modules}
+        unknown = sorted(set(ranks) - set(planned))
+        bad = {n: k for n, k in ranks.items() if n in planned and not 1 <= k <= min(planned[n].m, planned[n].n)}
+        if unknown or bad:
+            raise ValueError(f"allocation names linears that are not planned {unknown[:3]} or ranks out of range "
+                             f"{dict(list(bad.items())[:3])}")
+        return Plan([dataclasses.replace(p, rank=ranks[p.name], split=method.planned_split(ranks[p.name]))
+                     for p in self.modules if p.name in ranks], self.model_params)
 
     def as_dict(self) -> dict[str, Any]:
         return {"modules": [asdict(p) for p in self.modules], "model_params": self.model_params,

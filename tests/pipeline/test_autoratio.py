@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from nesta_ray.compress import main as compress_main
 from nesta_ray.config.loading import validate
-from nesta_ray.config.schema import AutoRatioConfig
+from nesta_ray.config.method_section import AutoRatioConfig
 from nesta_ray.errors import ConfigError
 from nesta_ray.pipeline.job import run_job
 
