@@ -3,8 +3,8 @@ linear's output onto the left singular vectors u_i of its whitened weight, from 
 next-token loss of calibration windows (``method.allocation`` turns them into loss curves).
 
 Pure torch, no I/O. The backward runs one decoder layer at a time from that layer's stored input (recomputed
-with autograd on, then dropped), so a runner that holds only some layers (a layer shard; not wired yet, only
-``scripts/explore_quality.py`` calls this) can compute exactly what the whole model in one process computes:
+with autograd on, then dropped), so a runner that holds only some layers (a layer shard,
+``pipeline.shard_worker.LayerShard.backward``) computes exactly what the whole model in one process computes:
 the layer inputs of a micro-batch come from a no-grad forward, the head's gradient from ``head_gradient`` (token
 chunks, so a 262k-word head never holds all logits at once) and each layer's input gradient from
 ``layer_backward``. Products are fp32 on the gradient's device, sums fp64 where the accumulator lives.

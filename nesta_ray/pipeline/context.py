@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 import torch
 from rich.progress import Progress
 from torch import nn
@@ -62,9 +63,25 @@ def resolve_source(cfg: JobConfig) -> Source:
     return Source(model, hf_config, meta_model(hf_config), spec, model.fingerprint())
 
 
+def decompose_devices(cfg: JobConfig) -> str:
+    """Where ``runtime.decompose_precision: auto`` will be resolved, for the stage key: "cpu" for the embedded
+    loop and CPU shards, else the cluster's GPU kinds (Ray's ``accelerator_type:*`` resources), so that factors
+    staged in float32 on one kind of GPU are never resumed beside float64 ones; "" when the precision is fixed.
+    Ray must be initialised."""
+    if cfg.runtime.decompose_precision != "auto":
+        return ""
+    resources = ray.cluster_resources() if cfg.runtime.workers else {}
+    if not resources.get("GPU"):
+        return "cpu"
+    kinds = sorted(k.removeprefix("accelerator_type:") for k in resources if k.startswith("accelerator_type:"))
+    return "gpu:" + ",".join(kinds or ["unknown"])
+
+
 def job_stage(ctx: JobContext) -> LayerStage:
-    """This job's stage: keyed by the config, the source model, the calibration tokens and the code."""
-    key = job_fingerprint(ctx.cfg.fingerprint(), ctx.source.fingerprint, fingerprint_tokens(ctx.calib))
+    """This job's stage: keyed by the config, the source model, the calibration tokens, the code and where an
+    automatic decomposition precision is resolved (``decompose_devices``)."""
+    config = ctx.cfg.fingerprint() + decompose_devices(ctx.cfg)
+    key = job_fingerprint(config, ctx.source.fingerprint, fingerprint_tokens(ctx.calib))
     return LayerStage(ctx.cfg.output.uri, key, ctx.cfg.output.storage_options)
 
 

@@ -16,7 +16,7 @@ from nesta_ray.ops.gate import read_cases
 from nesta_ray.pipeline.preflight import preflight
 from nesta_ray.plan.linears import ModulePlan, Plan, plan_for
 from nesta_ray.plan.rates import Rates, read_rates
-from nesta_ray.plan.sizing import ModelShape, dtype_bytes, memory_estimate, shard_plan
+from nesta_ray.plan.sizing import ModelShape, dtype_bytes, memory_estimate, shard_plan, shard_ranges
 from nesta_ray.plan.timing import Phase, drift_phase, job_floor, job_phases, job_seconds, measure_rates, shard_time
 from nesta_ray.report.markdown import table
 
@@ -93,6 +93,22 @@ def anchored_cost(plan: Plan, cfg: JobConfig, hidden: int) -> str:
             "travel as (2, b, t, d), twice the bytes")
 
 
+def allocation_cost(plan: Plan, cfg: JobConfig, workers: int) -> str:
+    """What ``allocation: sensitivity`` adds, as one line: the prepared SVDs kept until the ranks are chosen
+    (the short side's singular vectors and σ in fp64 on the host) and, during the backward pass, each linear's
+    left singular vectors U (m, min(m, n)) in fp32 where the gradients arrive; both for the largest shard (the
+    whole model when embedded)."""
+    chunks = shard_ranges(max(plan.layers(), default=0) + 1, workers) if workers else [plan.layers()]
+    svd = max(sum(8 * min(p.m, p.n) * (min(p.m, p.n) + 1) for p in plan.modules if p.layer in c) for c in chunks)
+    u = max(sum(4 * p.m * min(p.m, p.n) for p in plan.modules if p.layer in c) for c in chunks)
+    where = f"the largest of {workers} shards" if workers else "the model"
+    return (f"rank allocation (sensitivity): the ranks above are the uniform plan's; the job re-spends its "
+            f"{plan.params_after:,} parameters after one dense calibration pass, one scaled SVD per linear (kept: "
+            f"{svd / 2**30:,.2f} GiB fp64 host for {where}) and one forward + backward of the first "
+            f"{cfg.method.sensitivity_windows} windows (U of every linear: {u / 2**30:,.2f} GiB fp32 on the device; "
+            "on the shards the gradients travel back shard to shard, (b, t, d) per micro-batch)")
+
+
 def phases_table(phases: list[Phase]) -> str:
     """The phases with their estimated hours and bytes, and the total."""
     gib = lambda b: f"{b / 2**30:,.1f}"  # noqa: E731
@@ -149,6 +165,8 @@ def dry_run(cfg: JobConfig) -> str:
     ]
     if cfg.method.anchored:
         lines.append(anchored_cost(plan, cfg, hf_config.hidden_size))
+    if cfg.method.allocation == "sensitivity":
+        lines.append(allocation_cost(plan, cfg, cfg.runtime.workers))
     if cfg.runtime.workers:
         rates, _ = _rates(cfg)
         lines += _shard_lines(cfg, plan, hf_config, rates)

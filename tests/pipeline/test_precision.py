@@ -24,3 +24,16 @@ def test_the_work_names_the_solver_of_every_path():
     assert auto.label(576, 1536, 2) == "cpu float64 gram+gram"
     with pytest.raises(ValueError, match="factorization"):
         device_solver(torch.device("cpu"), Work(Plan([], 0), Method("nsvd1"), factorization="qr"))
+
+
+def test_the_stage_key_names_where_an_automatic_precision_is_resolved(ray_local, tmp_path):
+    from nesta_ray.config.loading import validate
+    from nesta_ray.pipeline.context import decompose_devices
+
+    def cfg(**runtime):
+        return validate({"calibration": {"path": str(tmp_path / "c.txt")}, "output": {"uri": str(tmp_path)},
+                         "runtime": runtime})
+
+    assert decompose_devices(cfg()) == "cpu"  # embedded: the tasks run on CPUs
+    assert decompose_devices(cfg(workers=2)) == "cpu"  # this cluster has no GPU
+    assert decompose_devices(cfg(workers=2, decompose_precision="float32")) == ""  # fixed: in the config already

@@ -104,6 +104,17 @@ def test_a_rerun_takes_the_staged_allocation_and_restages_a_lost_layer(ray_local
     assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
 
 
+def test_dry_run_says_what_the_allocation_costs(tiny3_folder, tmp_path):
+    from nesta_ray.pipeline.dry_run import dry_run
+
+    raw = _raw(tiny3_folder, tmp_path, 2)
+    out = dry_run(validate(raw))
+    assert "rank allocation (sensitivity): the ranks above are the uniform plan's" in out
+    assert "first 4 windows" in out and "GiB fp64 host for the largest of 2 shards" in out
+    raw["method"]["allocation"] = "uniform"
+    assert "rank allocation" not in dry_run(validate(raw))
+
+
 @pytest.mark.parametrize("change, match", [
     ({"method": {"ratio": "auto", "auto": {"set": "held"}}}, "need a fixed ratio"),
     ({"method": {"name": "svd"}}, "a whitened method"),
