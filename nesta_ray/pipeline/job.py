@@ -103,19 +103,23 @@ def _allocate(ctx: JobContext, runner: Runner, plan: Plan, stage: LayerStage) ->
     a previous run of this job staged), then stage the factors at them (the job then finds those layers done);
     returns the allocated plan (the linears kept dense left out)."""
     start = time.perf_counter()
+    seconds: dict[str, float] = {}
     allocation = stage.allocation()
     reused = allocation is not None
     if allocation is None:
-        allocation = allocate_for(runner, plan, ctx.calib, ctx.cfg.method.sensitivity_windows)
+        allocation, seconds = allocate_for(runner, plan, ctx.calib, ctx.cfg.method.sensitivity_windows)
         stage.put_allocation(allocation)
     allocated = plan.allocated(allocation.ranks, ctx.cfg.method.as_method())
     todo = sorted(set(allocated.layers()) - stage.done())
     if todo:
         if reused:  # a rerun: the SVDs again, not the backward pass
             runner.prepare(ctx.calib)
+        factors_start = time.perf_counter()
         runner.stage_ratio(at_ranks(allocation.ranks))
+        seconds["factors"] = time.perf_counter() - factors_start
     ctx.report["allocation"] = {**allocation_summary(allocation, plan), "windows": ctx.cfg.method.sensitivity_windows,
-                                "reused_from_stage": reused, "staged_layers": todo}
+                                "reused_from_stage": reused, "staged_layers": todo,
+                                "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     ctx.timings["allocation"] = time.perf_counter() - start
     return allocated
 

@@ -10,6 +10,7 @@ they equal a fixed-rank decomposition's.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -19,13 +20,19 @@ from nesta_ray.pipeline.runner import Runner
 from nesta_ray.plan.linears import Plan
 
 
-def allocate_for(runner: Runner, plan: Plan, calib: torch.Tensor, windows: int) -> Allocation:
+def allocate_for(runner: Runner, plan: Plan, calib: torch.Tensor, windows: int) -> tuple[Allocation, dict[str, float]]:
     """Ranks for the linears of the uniform ``plan`` under its parameter count, from the sensitivity of the first
-    ``windows`` of calibration windows ``calib`` (N, L); leaves the runner prepared (``stage_ratio`` next)."""
+    ``windows`` of calibration windows ``calib`` (N, L), and the seconds of its steps (prepare: calibration and
+    SVDs; sensitivity: the backward pass; allocate); leaves the runner prepared (``stage_ratio`` next)."""
+    start = time.perf_counter()
     runner.prepare(calib)
+    prepared = time.perf_counter()
     curves = runner.sensitivity(calib[:windows])
+    measured = time.perf_counter()
     shapes = {p.name: (p.m, p.n) for p in plan.modules}
-    return allocate({p.name: torch.tensor(curves[p.name]) for p in plan.modules}, shapes, plan.params_after)
+    allocation = allocate({p.name: torch.tensor(curves[p.name]) for p in plan.modules}, shapes, plan.params_after)
+    return allocation, {"prepare": prepared - start, "sensitivity": measured - prepared,
+                        "allocate": time.perf_counter() - measured}
 
 
 def allocation_summary(allocation: Allocation, plan: Plan) -> dict[str, Any]:

@@ -85,6 +85,16 @@ def parameter_rows(p: dict) -> list[list[str]]:
                                          ("whole model", "model_before", "model_after")]]
 
 
+def allocation_text(a: dict) -> str:
+    """report["allocation"] as a sentence and a table per linear type."""
+    staged = ", taken from the stage" if a["reused_from_stage"] else ""
+    head = (f"by measured sensitivity ({a['windows']} windows{staged}): {a['dense']} of {a['linears']} linears kept "
+            f"dense; {a['params']:,} parameters for the uniform ranks' {a['budget']:,}")
+    rows = [[t, r["linears"], r["dense"], r["uniform_rank"], "-" if r["mean_rank"] is None else f"{r['mean_rank']:.1f}",
+             "-" if r["min_rank"] is None else f"{r['min_rank']}–{r['max_rank']}"] for t, r in a["by_type"].items()]
+    return head + "\n\n" + table(["linear", "count", "dense", "uniform rank", "mean rank", "ranks"], rows)
+
+
 def run_markdown(report: dict) -> str:
     """The run report as markdown: parameters, perplexity before/after, timings, fallbacks, per-layer loss."""
     p = report["parameters"]
@@ -105,6 +115,8 @@ def run_markdown(report: dict) -> str:
                   table(["ratio", "perplexity", "increase", "passed", "seconds"],
                         [[p["ratio"], f"{p['perplexity']:.2f}", f"{p['increase']:+.1%}", "yes" if p["passed"] else "no",
                           f"{p['seconds']:.1f}"] for p in a["points"]])]
+    if report.get("allocation"):
+        parts += ["## Rank allocation", allocation_text(report["allocation"])]
     if report.get("gate"):
         g = report["gate"]
         verdict = "passed: published (latest moved)" if g["passed"] else "FAILED: not published (latest unchanged)"
