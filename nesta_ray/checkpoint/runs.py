@@ -205,11 +205,28 @@ def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashe
                 raise CheckpointError(f"{furi}: listed in manifest.json but missing")
             if (size := fs.size(fpath)) != ent["size"]:
                 raise CheckpointError(f"{furi}: size {size} bytes, manifest.json says {ent['size']}")
-            if check_hashes and (hashed is None or rel in hashed):
-                with fs.open(fpath, "rb") as f:
-                    if hash_stream(f)[0] != ent["sha256"]:
-                        raise CheckpointError(f"{furi}: sha256 mismatch (file is corrupt or was modified)")
+        if check_hashes:
+            _hash(fs, path, run_uri, manifest, sorted(manifest["files"]) if hashed is None else sorted(hashed))
         return manifest
+
+
+def _hash(fs: Any, path: str, run_uri: str, manifest: dict, files: list[str]) -> None:
+    for rel in files:
+        with fs.open(join(path, _check_name(rel)), "rb") as f:
+            if hash_stream(f)[0] != manifest["files"][rel]["sha256"]:
+                raise CheckpointError(f"{join(run_uri, rel)}: sha256 mismatch (file is corrupt or was modified)")
+
+
+def hash_files(run_uri: str, manifest: dict, files: Collection[str], storage_options: dict | None = None) -> None:
+    """Check the sha256 of ``files`` (relative names) against a ``manifest`` that ``verify_run`` returned, so that
+    a reader who learns which files it needs only after reading the (verified) index reads the manifest once.
+    Raises CheckpointError for a file the manifest does not list or whose hash differs; StorageError."""
+    run_uri = normalise(run_uri)
+    if unlisted := sorted(set(files) - set(manifest["files"])):
+        raise CheckpointError(f"{join(run_uri, MANIFEST)} does not list {unlisted[0]!r}: the run does not vouch for it")
+    fs, path = url_to_fs(run_uri, storage_options)
+    with guard(run_uri, storage_options, write=False):
+        _hash(fs, path, run_uri, manifest, sorted(files))
 
 
 def weight_index(run_uri: str, storage_options: dict | None = None) -> str:
@@ -220,13 +237,14 @@ def weight_index(run_uri: str, storage_options: dict | None = None) -> str:
         return INDEX if fs.exists(join(path, INDEX)) else HF_INDEX
 
 
-def verify_files(run_uri: str, files: Collection[str], storage_options: dict | None = None) -> None:
+def verify_files(run_uri: str, files: Collection[str], storage_options: dict | None = None) -> dict:
     """Check a committed run, the sha256 of ``files`` (relative names; the tensor index is always included) before
-    they are read, and that the index names only files the manifest lists. Raises CheckpointError / StorageError as
-    ``verify_run``."""
+    they are read, and that the index names only files the manifest lists; returns the manifest (for
+    ``hash_files`` of more files later). Raises CheckpointError / StorageError as ``verify_run``."""
     index = weight_index(run_uri, storage_options)
     manifest = verify_run(run_uri, storage_options, hashed={*files, index})
     index_files(run_uri, manifest, index, storage_options)
+    return manifest
 
 
 def index_files(run_uri: str, manifest: dict, index: str, storage_options: dict | None = None) -> list[str]:

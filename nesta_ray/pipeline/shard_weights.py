@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nesta_ray.checkpoint.layout import factor_keys
-from nesta_ray.checkpoint.runs import verify_files, weight_index
+from nesta_ray.checkpoint.runs import hash_files, verify_files, weight_index
 from nesta_ray.checkpoint.stage import LayerStage
 from nesta_ray.errors import ShardStateLost
 from nesta_ray.io.weights import WeightStore
@@ -105,11 +105,11 @@ class WeightsSwitch:
     def run_factors(self, weights: Weights) -> dict[int, dict[str, Factors]]:
         """Per layer, the factors of this shard's linears in the run at ``weights.uri``, read tensor by tensor
         (only their bytes; A and B only, their statistics stay in the run's nesta.json)."""
-        verify_files(weights.uri, [], weights.storage_options)  # the index, and that it names only listed files
+        manifest = verify_files(weights.uri, [], weights.storage_options)  # the index names only listed files
         store = WeightStore(weights.uri, weights.storage_options, weight_index(weights.uri, weights.storage_options))
         wanted = {i: [k for name in self.plan.names(i) for k in factor_keys(name)] for i in self.plan.layers()}
-        verify_files(weights.uri, sorted({store.entries[k].file for keys in wanted.values() for k in keys}),
-                     weights.storage_options)  # every file read from a run is one its manifest vouches for
+        hash_files(weights.uri, manifest, sorted({store.entries[k].file for keys in wanted.values() for k in keys}),
+                   weights.storage_options)  # every file read from a run is one its manifest vouches for
         out: dict[int, dict[str, Factors]] = {}
         for i, keys in wanted.items():
             names = self.plan.names(i)

@@ -142,6 +142,19 @@ def test_tampered_file_is_refused(root, tmp_path, how):
         runs.download_run(run_uri, str(tmp_path / "dl"), opts)
 
 
+def test_files_named_after_the_manifest_was_read_are_hashed_against_it(root):
+    root_uri, opts = root
+    run_uri, _ = _write_run(root_uri, opts, "r1")
+    manifest = runs.verify_files(run_uri, [], opts)  # the index only
+    runs.hash_files(run_uri, manifest, ["model-00001.safetensors"], opts)
+    _rewrite(storage.join(run_uri, "model-00002.safetensors"), opts, lambda b: b[:-1] + bytes([b[-1] ^ 0x01]))
+    runs.hash_files(run_uri, manifest, ["model-00001.safetensors"], opts)  # only what is named is read
+    with pytest.raises(CheckpointError, match=r"model-00002\.safetensors: sha256 mismatch"):
+        runs.hash_files(run_uri, manifest, ["model-00002.safetensors"], opts)
+    with pytest.raises(CheckpointError, match="does not list 'other.bin'"):
+        runs.hash_files(run_uri, manifest, ["other.bin"], opts)
+
+
 def test_missing_file_and_wrong_format_version(tmp_path):
     run_uri, _ = _write_run(str(tmp_path), None, "r1")
     os.remove(os.path.join(run_uri, "config.json"))
