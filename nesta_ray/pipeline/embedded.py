@@ -32,6 +32,7 @@ from nesta_ray.model.precision import forward_precision
 from nesta_ray.pipeline.precision import device_solver
 from nesta_ray.pipeline.ray_env import fetch
 from nesta_ray.pipeline.tasks import Work, decompose_task
+from nesta_ray.pipeline.uploads import BackgroundUploads
 from nesta_ray.plan.linears import ModulePlan
 
 
@@ -67,6 +68,7 @@ class _Loop:
         self.layer_of = {p.name: p.layer for p in work.plan.modules}
         self.unstaged: dict[int, dict[str, Factors]] = {}
         self.pending: list[ray.ObjectRef] = []
+        self.uploads = BackgroundUploads()
         self.timings = Timings()
         self.solver, self.solver_reason = device_solver(torch.device("cpu"), work)  # the tasks run on CPUs
 
@@ -82,7 +84,7 @@ class _Loop:
                 done = self.unstaged.setdefault(layer, {})
                 done[name] = f
                 if self.stage is not None and len(done) == len(self.work.plan.names(layer)):
-                    self.stage.put(layer, done)
+                    self.uploads.submit(self.stage.put, layer, dict(done))  # while the next layer calibrates
         self.timings.decomposition_wait += time.perf_counter() - start
 
     def from_stage(self, i: int) -> None:
@@ -172,6 +174,7 @@ def compress_layerwise(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, work
         batches = _next(batches, outputs)
         on_layer(i)
     loop.collect(loop.pending)
+    loop.uploads.wait()  # every layer staged before the caller is told so
     if work.mode == "original":  # staged layers were kept dense while later layers calibrated
         install_factors(model, {k: v for k, v in loop.results.items() if loop.layer_of[k] in done})
     return loop.results, loop.timings

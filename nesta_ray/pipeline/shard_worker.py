@@ -40,6 +40,7 @@ from nesta_ray.pipeline.precision import device_solver
 from nesta_ray.pipeline.ray_env import actor_restarted
 from nesta_ray.pipeline.shard_weights import DENSE, Weights, WeightsSwitch, staged
 from nesta_ray.pipeline.tasks import Work, decompose_task
+from nesta_ray.pipeline.uploads import BackgroundUploads
 
 Batch = tuple[np.ndarray, dict[str, Any]]  # hidden states (b, t, d) and layer kwargs
 
@@ -73,6 +74,7 @@ class LayerShard:
         self.switch = WeightsSwitch(self.backend, self.plan, self.work.method, self.work.threads, self.solver)
         self.grams: dict[int, dict[str, GramAccumulator]] = {}  # layer -> group -> fp64 sums on the host
         self.seen = 0  # micro-batches accumulated in order by ``forward``
+        self.uploads = BackgroundUploads()  # a finished layer is staged while the next one is decomposed
         self.staged_at_start = self._staged()
         self.restarted = actor_restarted()  # Ray brought this shard back after its process died
         self.seconds = {"load": time.perf_counter() - start, "calibration": 0.0, "decomposition": 0.0,
@@ -83,6 +85,8 @@ class LayerShard:
         self.backward_seen = 0  # micro-batches the sensitivity pass added, in order
 
     def _staged(self) -> set[int]:
+        """The staged layers, once any upload in flight has landed."""
+        self.uploads.wait()
         return self.stage.done() if self.stage is not None else set()
 
     def _fail(self, phase: str, layer: int) -> None:
@@ -212,8 +216,9 @@ class LayerShard:
             self.task_seconds += [f.seconds for f in part.values()]
             factors.update(part)
         self.backend.install(i, factors)  # the layer now computes with its factors, kept for evaluation
+        self.uploads.wait()  # the previous layer is staged before this one may fail
         self._fail("decompose", i)  # a worker dying mid-layer: nothing of this layer is staged
-        self.stage.put(i, factors)
+        self.uploads.submit(self.stage.put, i, factors)
         self.computed.append(i)
         self.seconds["decomposition"] += time.perf_counter() - start
 
@@ -227,11 +232,13 @@ class LayerShard:
         restarted shard to calibrate again); the shard then computes with the stage's factors. Returns the
         layers computed here, the phase seconds and the peak memory."""
         assert self.stage is not None
-        missing = [i for i in self.layers if self.plan.for_layer(i) and i not in self.stage.done()]
+        done = self._staged()
+        missing = [i for i in self.layers if self.plan.for_layer(i) and i not in done]
         self._complete(batches, missing)
         for i in missing:
             if i in self.grams:
                 self._decompose_layer(i)
+        self.uploads.wait()  # every layer staged before the driver is told so
         for i in self.plan.layers():  # layers staged before (or in propagate mode) may still be dense here
             if i not in self.backend.dense:
                 self.backend.install(i, self.stage.get(i))
