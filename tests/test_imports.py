@@ -17,7 +17,7 @@ ORDER = [
     "model.arch", "model.layers", "model.lowrank_linear", "model.lowrank", "model.modeling_nesta_lowrank",
     "model.registration", "model.precision", "model.calibration", "model.cross_calibration", "model.sensitivity",
     # configuration and the plan
-    "config.validators", "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.rates", "plan.timing",
+    "config.validators", "config.method_section", "config.schema", "config.loading", "plan.linears", "plan.sizing", "plan.rates", "plan.timing",
     # model and data I/O
     "io.storage", "io.weights", "io.sources", "io.packages", "data.corpora", "data.text", "data.selection",
     "data.requestlogs", "data.windows",
@@ -28,10 +28,11 @@ ORDER = [
     "report.markdown", "report.plots", "report.html", "ops.evaluation", "ops.gate", "ops.ratio_search", "ops.metrics",
     "ops.lmeval", "ops.rates_probe",
     # the pipeline
-    "pipeline.preflight", "pipeline.ray_env", "pipeline.tasks", "pipeline.precision", "pipeline.embedded",
+    "pipeline.preflight", "pipeline.ray_env", "pipeline.tasks", "pipeline.precision", "pipeline.uploads",
+    "pipeline.embedded",
     "pipeline.layer_host", "pipeline.backends", "pipeline.faults", "pipeline.shard_weights", "pipeline.shard_worker",
     "pipeline.shard_group", "pipeline.runner",
-    "pipeline.autoratio", "pipeline.progress", "pipeline.context", "pipeline.job_output", "pipeline.drift_scoring",
+    "pipeline.autoratio", "pipeline.rank_allocation", "pipeline.progress", "pipeline.context", "pipeline.job_output", "pipeline.drift_scoring",
     "pipeline.job", "pipeline.dry_run", "pipeline.nightly",
     # entry points
     "cli", "compress", "evaluate", "nightly", "lmeval",

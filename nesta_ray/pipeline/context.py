@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
 import torch
 from rich.progress import Progress
 from torch import nn
@@ -21,6 +20,7 @@ from nesta_ray.ops.gate import Case
 from nesta_ray.ops.metrics import JobMetrics
 from nesta_ray.pipeline.backends import BackendSpec
 from nesta_ray.pipeline.faults import Fault
+from nesta_ray.pipeline.ray_env import cluster_gpu_kinds
 from nesta_ray.pipeline.shard_worker import ShardOptions
 
 
@@ -70,11 +70,8 @@ def decompose_devices(cfg: JobConfig) -> str:
     Ray must be initialised."""
     if cfg.runtime.decompose_precision != "auto":
         return ""
-    resources = ray.cluster_resources() if cfg.runtime.workers else {}
-    if not resources.get("GPU"):
-        return "cpu"
-    kinds = sorted(k.removeprefix("accelerator_type:") for k in resources if k.startswith("accelerator_type:"))
-    return "gpu:" + ",".join(kinds or ["unknown"])
+    kinds = cluster_gpu_kinds() if cfg.runtime.workers else None
+    return "cpu" if kinds is None else "gpu:" + ",".join(kinds)
 
 
 def job_stage(ctx: JobContext) -> LayerStage:

@@ -24,6 +24,16 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
+def cluster_gpu_kinds() -> list[str] | None:
+    """The GPU kinds of the connected cluster (Ray's ``accelerator_type:*`` resources; ["unknown"] when it has
+    GPUs but names no kind), or None when it has no GPU. Ray must be initialised."""
+    resources = ray.cluster_resources()
+    if not resources.get("GPU"):
+        return None
+    return sorted(k.removeprefix("accelerator_type:") for k in resources if k.startswith("accelerator_type:")) or [
+        "unknown"]
+
+
 def actor_restarted() -> bool:
     """Whether this process is a Ray actor that Ray restarted after its process died (False outside an actor)."""
     if not ray.is_initialized():
