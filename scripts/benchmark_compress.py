@@ -41,7 +41,7 @@ def run_variant(name: str, args: argparse.Namespace, out: Path) -> dict:
     """One job of the variant ``name``; its timings, perplexities and per-linear losses."""
     sets = [f"evaluation.sets.{i}.num_windows={args.eval_windows}" for i in range(2)] if args.eval_windows else []
     overrides = [*VARIANTS[name], f"output.uri={out / name.replace('+', '_')}", "runtime.progress=false",
-                 f"calibration.num_sequences={args.sequences}", *sets]
+                 f"calibration.num_sequences={args.sequences}", "method.allocation=uniform", *sets]  # the loop
     cfg = load_config(args.config, overrides)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
