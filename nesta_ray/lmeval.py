@@ -1,7 +1,8 @@
 """CLI: ``python -m nesta_ray.lmeval [lm-eval arguments]``: lm-evaluation-harness's own command line with the
 ``nesta`` model registered, e.g. ``--model nesta --model_args pretrained=out/smollm2-135m --tasks ... --include_path
-DIR``. Arguments are the harness's (``lm-eval --help``); a NestaError while loading becomes one line (redacted) and
-exit 2.
+DIR``. Arguments are the harness's (``lm-eval --help``); a NestaError while loading, and the harness refusing its
+input (an unknown task, a missing file: the ValueError, KeyError or FileNotFoundError it raises), become one line
+(redacted) and exit 2.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from nesta_ray.cli import fail
-from nesta_ray.errors import NestaError
+from nesta_ray.errors import ConfigError, NestaError
 
 
 def main() -> int:
@@ -24,8 +25,11 @@ def main() -> int:
         return 2
     try:
         cli_evaluate()
-    except NestaError as err:  # the harness's own errors stay the harness's
+    except NestaError as err:
         return fail(err)
+    except (ValueError, KeyError, FileNotFoundError) as err:  # the harness refusing its arguments or files
+        return fail(ConfigError(f"lm-evaluation-harness stopped: {type(err).__name__}: {err} (its arguments: "
+                                "lm-eval --help; its tasks: lm-eval ls tasks)"))
     return 0
 
 

@@ -107,3 +107,9 @@ def test_the_command_line_runs_the_harness_with_the_nesta_model(run, task_dir, t
                                       "--tasks", TASK, "--include_path", str(task_dir)])
     assert lmeval_main() == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: model source {tmp_path / 'gone'} does not exist")
+    monkeypatch.setattr(sys, "argv", ["lmeval", "--model", "nesta", "--model_args", f"pretrained={run}",
+                                      "--tasks", "no_such_task", "--include_path", str(task_dir)])
+    assert lmeval_main() == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: lm-evaluation-harness stopped: ValueError: Tasks not found: no_such_task")
+    assert "lm-eval ls tasks" in last
