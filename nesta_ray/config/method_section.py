@@ -97,7 +97,8 @@ class MethodConfig(Strict):
             raise ValueError(f"anchored needs a whitened method (asvd1, asvd2, nsvd1, nsvd2), not {self.name}")
         if self.ratio == "auto" and (self.anchored or self.allocation != "uniform"):
             raise ValueError("ratio: auto tries uniform ratios on the dense statistics; anchored and allocation: "
-                             "sensitivity need a fixed ratio")
+                             "sensitivity need a fixed ratio (for the search set allocation: uniform, anchored: "
+                             "false)")
         if self.allocation != "uniform" and self.name in ("svd", "asvd0"):
             raise ValueError(f"allocation: sensitivity weighs the whitened spectrum: a whitened method (asvd1, "
                              f"asvd2, nsvd1, nsvd2), not {self.name}")
