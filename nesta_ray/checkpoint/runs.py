@@ -195,8 +195,8 @@ def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashe
         if manifest.get("format_version") not in READABLE_VERSIONS:
             raise CheckpointError(f"{man_uri} has format_version {manifest.get('format_version')!r}; this "
                                   f"nesta_ray reads {', '.join(map(str, READABLE_VERSIONS))}: upgrade nesta_ray")
-        if hashed is not None and (unlisted := sorted(set(hashed) - set(manifest["files"]))):
-            raise CheckpointError(f"{man_uri} does not list {unlisted[0]!r}: the run does not vouch for it")
+        if hashed is not None:
+            _check_listed(run_uri, manifest, hashed)
         for rel, ent in sorted(manifest["files"].items()):
             fpath, furi = join(path, _check_name(rel)), join(run_uri, rel)
             if not isinstance(ent, dict) or not {"sha256", "size"} <= ent.keys():
@@ -208,6 +208,11 @@ def verify_run(run_uri: str, storage_options: dict | None = None, *, check_hashe
         if check_hashes:
             _hash(fs, path, run_uri, manifest, sorted(manifest["files"]) if hashed is None else sorted(hashed))
         return manifest
+
+
+def _check_listed(run_uri: str, manifest: dict, files: Collection[str]) -> None:
+    if unlisted := sorted(set(files) - set(manifest["files"])):
+        raise CheckpointError(f"{join(run_uri, MANIFEST)} does not list {unlisted[0]!r}: the run does not vouch for it")
 
 
 def _hash(fs: Any, path: str, run_uri: str, manifest: dict, files: list[str]) -> None:
@@ -222,8 +227,7 @@ def hash_files(run_uri: str, manifest: dict, files: Collection[str], storage_opt
     a reader who learns which files it needs only after reading the (verified) index reads the manifest once.
     Raises CheckpointError for a file the manifest does not list or whose hash differs; StorageError."""
     run_uri = normalise(run_uri)
-    if unlisted := sorted(set(files) - set(manifest["files"])):
-        raise CheckpointError(f"{join(run_uri, MANIFEST)} does not list {unlisted[0]!r}: the run does not vouch for it")
+    _check_listed(run_uri, manifest, files)
     fs, path = url_to_fs(run_uri, storage_options)
     with guard(run_uri, storage_options, write=False):
         _hash(fs, path, run_uri, manifest, sorted(files))

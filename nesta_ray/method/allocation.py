@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from nesta_ray.method.factorize import sigma_floor
+
 
 def loss_curve(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """D (r + 1,) float64 with D[k] = Σ_{i ≥ k} σ_i²·p_i for singular values σ (r,) and projections p (r,) ≥ 0;
@@ -44,13 +46,13 @@ def loss_curve(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def output_directions(U: torch.Tensor | None, s: torch.Tensor, Vh: torch.Tensor | None,
                       X: torch.Tensor) -> torch.Tensor:
     """The left singular vectors U (m, r) of X (m, n) from its factorisation (U or None, σ (r,), Vᵀ (r, n) or
-    None): U itself, else X·V·Σ⁻¹ (the Gram eigh of a tall X gives only V). A column whose σ is below eps·σ₁
-    (+ tiny) is left zero: its direction carries no loss (σ²·p ≈ 0) and dividing by σ would amplify rounding."""
+    None): U itself, else X·V·Σ⁻¹ (the Gram eigh of a tall X gives only V). A column whose σ is at most
+    ``factorize.sigma_floor`` is left zero: its direction carries no loss (σ²·p ≈ 0) and dividing by σ would
+    amplify rounding."""
     if U is not None:
         return U
     assert Vh is not None
-    floor = torch.finfo(s.dtype).eps * (float(s[0]) if s.numel() else 1.0) + torch.finfo(s.dtype).tiny
-    keep = s > floor
+    keep = s > sigma_floor(s)
     out = (X.to(Vh.dtype) @ Vh.T) / torch.where(keep, s, torch.ones_like(s))  # (m, r)
     return out * keep
 

@@ -124,10 +124,14 @@ def spectrum(X: torch.Tensor, how: str) -> tuple[USV, dict[str, int]]:
         return full_svd(X), {"gram_fallbacks": 1}
 
 
+def sigma_floor(s: torch.Tensor) -> float:
+    """eps·σ₁ + tiny for descending singular values σ (r,): below it a singular value is rounding, never zero."""
+    return torch.finfo(s.dtype).eps * (float(s[0]) if s.numel() else 1.0) + torch.finfo(s.dtype).tiny
+
+
 def _balance(s: torch.Tensor) -> torch.Tensor:
-    """σ floored at eps·σ₁ (never zero), so that factors can be balanced by √σ."""
-    floor = torch.finfo(s.dtype).eps * (float(s[0]) if s.numel() else 1.0) + torch.finfo(s.dtype).tiny
-    return torch.clamp(s, min=floor)
+    """σ floored at ``sigma_floor`` (never zero), so that factors can be balanced by √σ."""
+    return torch.clamp(s, min=sigma_floor(s))
 
 
 def truncate(usv: USV, k: int, W: torch.Tensor, right: Callable[[torch.Tensor], torch.Tensor] | None = None,
