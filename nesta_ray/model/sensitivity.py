@@ -7,12 +7,16 @@ with autograd on, then dropped), so a runner that holds only some layers (a laye
 ``pipeline.shard_worker.LayerShard.backward``) computes exactly what the whole model in one process computes:
 the layer inputs of a micro-batch come from a no-grad forward, the head's gradient from ``head_gradient`` (token
 chunks, so a 262k-word head never holds all logits at once) and each layer's input gradient from
-``layer_backward``. Products are fp32 on the gradient's device, sums fp64 where the accumulator lives.
+``layer_backward``. Products are fp32 on the gradient's device, sums fp64 where the accumulator lives. In one
+process, micro-batches may run side by side in threads (each its own sums, folded in micro-batch order afterwards),
+which gives the sequential pass's sums bit for bit.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -41,16 +45,30 @@ class ComponentFisher:
         self.sums.add_((proj.double() ** 2).sum(dim=0).cpu())
         self.tokens += proj.shape[0]
 
+    def empty(self) -> ComponentFisher:
+        """An accumulator on the same directions (U shared, not copied) with nothing added yet."""
+        return ComponentFisher(self.U, self.U.device)
+
+    def fold(self, other: ComponentFisher) -> None:
+        """Add the sums and tokens of ``other`` (an ``empty()`` of this one that saw other gradients)."""
+        self.sums.add_(other.sums)
+        self.tokens += other.tokens
+
+
+Fishers = Mapping[str, ComponentFisher]
+
 
 @contextmanager
-def gradient_hooks(linears: Mapping[str, nn.Module], fishers: Mapping[str, ComponentFisher]) -> Iterator[None]:
+def gradient_hooks(linears: Mapping[str, nn.Module], fishers: Fishers | Callable[[], Fishers]) -> Iterator[None]:
     """Inside, every output gradient of ``linears`` (name -> module) that autograd computes is added to the
-    ``fishers`` accumulator of the same name."""
+    ``fishers`` accumulator of the same name; a callable ``fishers`` is asked at each forward which accumulators
+    that forward's gradients go to (the calling thread's)."""
+    sinks = fishers if callable(fishers) else lambda: fishers
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
             if out.requires_grad:
-                out.register_hook(lambda g: fishers[name].add(g))
+                out.register_hook(sinks()[name].add)
 
         return hook
 
@@ -124,22 +142,33 @@ def _runner(layer: nn.Module) -> Callable[[torch.Tensor, Any], torch.Tensor]:
 
 
 def collect_projections(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, micro_batch: int,
-                        linears: Mapping[int, Mapping[str, nn.Module]],
-                        fishers: Mapping[str, ComponentFisher]) -> float:
+                        linears: Mapping[int, Mapping[str, nn.Module]], fishers: Fishers, workers: int = 1) -> float:
     """One backward pass of the summed next-token NLL of token windows ``ids`` (N, L) through the whole model in
-    this process, ``micro_batch`` windows at a time, adding the output gradients of ``linears`` (layer -> name ->
-    module) to ``fishers``. Returns the summed NLL."""
+    this process, ``micro_batch`` windows at a time (``workers`` of them side by side in threads), adding the output
+    gradients of ``linears`` (layer -> name -> module) to ``fishers``. The sums equal a one-worker pass bit for bit
+    at any ``workers``. Returns the summed NLL."""
     layers = decoder_layers(model, spec)
     first = min(linears, default=len(layers))  # no layer below it needs a backward
     runs = [_runner(layer) for layer in layers]
-    total = 0.0
-    for s in range(0, ids.shape[0], micro_batch):
-        batch = ids[s : s + micro_batch]  # (b, L)
-        with torch.no_grad():
-            hidden, kwargs = capture_layer_inputs(model, spec, batch)
+    batches = [ids[s : s + micro_batch] for s in range(0, ids.shape[0], micro_batch)]  # (b, L) each
+    with torch.no_grad():  # the embedding, here: it swaps the model's layers while it runs
+        captured = [capture_layer_inputs(model, spec, batch) for batch in batches]
+    local = threading.local()
+
+    def one(k: int) -> tuple[float, dict[str, ComponentFisher]]:
+        local.sinks = {name: f.empty() for name, f in fishers.items()}
+        hidden, kwargs = captured[k]
         inputs, out = forward_inputs(runs, hidden, kwargs)
-        grad, nll = head_gradient(lambda h: head_logits(model, spec, h), out, batch)
+        grad, nll = head_gradient(lambda h: head_logits(model, spec, h), out, batches[k])
+        backward_layers(runs[first:], inputs[first:], kwargs, grad)
+        return nll, local.sinks
+
+    hooked = {name: m for group in linears.values() for name, m in group.items()}
+    with gradient_hooks(hooked, lambda: local.sinks), ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(one, range(len(batches))))
+    total = 0.0
+    for nll, sinks in results:  # in micro-batch order, as a sequential pass adds them
         total += nll
-        backward_layers(runs[first:], inputs[first:], kwargs, grad,
-                        lambda k: gradient_hooks(linears.get(first + k, {}), fishers))
+        for name, f in sinks.items():
+            fishers[name].fold(f)
     return total

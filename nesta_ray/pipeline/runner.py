@@ -9,6 +9,7 @@ same model.
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -114,8 +115,9 @@ class InProcessModel(AbstractContextManager["InProcessModel"]):
         self.switch.ensure(DENSE)
         fishers = self.switch.fishers("cpu")
         linears = {i: self.switch.linears(i) for i in self.work.plan.layers()}
+        workers = max(1, len(os.sched_getaffinity(0)) // self.work.threads)  # micro-batches side by side
         with fixed_threads(self.work.threads):  # the shards' count: the same sums bit for bit
-            collect_projections(self.model, self.spec, ids, self.work.micro_batch, linears, fishers)
+            collect_projections(self.model, self.spec, ids, self.work.micro_batch, linears, fishers, workers)
         return self.switch.curves(fishers)
 
     def drift_errors(self, ids: torch.Tensor, weights: Weights) -> dict[str, float]:

@@ -86,3 +86,21 @@ def test_parameters_get_no_gradient():
     collect_projections(model, spec, torch.randint(0, 2000, (2, 8)), 2, {1: {"d": lin}}, fishers)
     assert all(p.grad is None for p in model.parameters())
     assert float(fishers["d"].sums.sum()) > 0
+
+
+def test_micro_batches_side_by_side_give_the_sequential_sums_bit_for_bit():
+    model = tiny_model("llama", layers=3)
+    spec = arch_for("llama")
+    ids = torch.randint(0, 2000, (6, 24), generator=torch.Generator().manual_seed(3))
+    bases = _bases(model, spec)
+    linears: dict[int, dict] = {}
+    for name, (i, lin, _) in bases.items():
+        linears.setdefault(i, {})[name] = lin
+    runs = {}
+    for workers in (1, 3):
+        fishers = {name: ComponentFisher(U) for name, (_, _, U) in bases.items()}
+        nll = collect_projections(model, spec, ids, 2, linears, fishers, workers)
+        runs[workers] = nll, {name: (f.sums, f.tokens) for name, f in fishers.items()}
+    assert runs[1][0] == runs[3][0]
+    for name, (sums, tokens) in runs[1][1].items():
+        assert tokens == runs[3][1][name][1] == 6 * 24 and torch.equal(sums, runs[3][1][name][0])
