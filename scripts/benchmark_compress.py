@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from nesta_ray.config.loading import load_config
+from nesta_ray.ops.rates_probe import cpu_name
 from nesta_ray.pipeline.job import run_job
 from nesta_ray.report.markdown import table
 
@@ -116,7 +117,8 @@ def markdown(result: dict) -> str:
     """The result's tables: per variant its seconds and perplexities, then the per-linear loss ratios."""
     rows = result["rows"]
     ppl = lambda r: ", ".join(f"{k} {v['compressed']['perplexity']:.2f}" for k, v in (r["perplexity"] or {}).items())  # noqa: E731
-    md = [table(["variant", "seed", "compress_total s", "calibration s", "decomposition s (sum over linears)",
+    md = [f"CPU: {result.get('cpu', 'not recorded')}, {result.get('cpus')} cores", "",
+          table(["variant", "seed", "compress_total s", "calibration s", "decomposition s (sum over linears)",
                  "decomposition wait s", "wall s", "perplexity", "load avg before/after"],
                 [[r["variant"], r.get("seed", 0), r["compress_total_s"], r["timings"].get("calibration", ""),
                   r.get("decomposition_s", ""), r["timings"].get("decomposition_wait", ""), r["wall_s"], ppl(r),
@@ -161,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(run_variant(v, seed, args, Path(tmp)))
                 print(json.dumps({k: rows[-1][k] for k in ("variant", "seed", "compress_total_s", "timings",
                                                            "perplexity")}), flush=True)
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count(), "rows": rows,
-              "loss_ratios_vs_first": ratios(rows), "noise": noise(rows)}
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_name(), "cpus": os.cpu_count(),
+              "rows": rows, "loss_ratios_vs_first": ratios(rows), "noise": noise(rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))

@@ -45,6 +45,7 @@ from nesta_ray.method.ranks import rank_for_ratio
 from nesta_ray.model.arch import arch_for
 from nesta_ray.model.calibration import collect_statistics
 from nesta_ray.model.layers import decoder_layers, group_inputs
+from nesta_ray.ops.rates_probe import cpu_name
 from nesta_ray.report.markdown import table
 
 C4 = "pypi:evals==3.0.1.post1/en_web_c4_owt"
@@ -219,7 +220,8 @@ def markdown(result: dict) -> str:
                      f"{r['seconds']:.3f}" if "seconds" in r else "skipped",
                      f"{r['loss_ratio']:.6f}" if "seconds" in r else "", f"{r['frob_ratio']:.6f}" if "seconds" in r
                      else "", json.dumps(r.get("fallbacks", r.get("skipped", "")))]
-    md = [f"torch {result['torch']}, {result['threads']} threads, device {result['args']['device']}, "
+    md = [f"torch {result['torch']}, {result['threads']} threads, device {result['args']['device']} "
+          f"({result.get('cpu', 'CPU not recorded')}), "
           f"load average {result['loadavg_1min_before_after']}", "",
           table(["model", "layer", "linear", "shape", "rank", "k2", "variant", "device", "dtype", "seconds",
                  "loss ratio", "frob ratio", "fallbacks / skipped"], [fmt(r) for r in result["rows"]]), "",
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             r, b = real_model(key, args)
             rows, batches = rows + r, batches + b
     load.append(os.getloadavg()[0])
-    result = {"args": vars(args), "torch": torch.__version__, "threads": args.threads,
+    result = {"args": vars(args), "torch": torch.__version__, "threads": args.threads, "cpu": cpu_name(),
               "loadavg_1min_before_after": load, "rows": rows, "batched_eigh": batches}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -45,6 +45,7 @@ from nesta_ray.model.arch import arch_for
 from nesta_ray.model.lowrank import install_factors
 from nesta_ray.model.lowrank_linear import LowRankLinear
 from nesta_ray.model.modeling_nesta_lowrank import NestaLowRankConfig, NestaLowRankForCausalLM
+from nesta_ray.ops.rates_probe import cpu_name
 from nesta_ray.plan.linears import make_plan
 from nesta_ray.report.markdown import table
 
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     t2 = time.perf_counter()
     rows = model_rows(models, rates, peak_memory(models, ratio_of, args), args)
     layers = layer_rows(dense.to(args.device), args)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     payload = {"args": {k: v for k, v in vars(args).items() if k != "memory_child"}, "model_folder": Path(folder).name,
                "rows": rows, "layers": layers,
                "timings_s": {"build": round(t1 - t0, 1), "timing": round(t2 - t1, 1),

@@ -13,14 +13,13 @@ idle machine does not. The 1-minute load average is recorded in the file.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from nesta_ray.ops.rates_probe import measure
+from nesta_ray.ops.rates_probe import cpu_name, measure
 from nesta_ray.plan.rates import rates_file
 
 
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         rates, extra = measure(torch.device("cpu"), args.precision, getattr(torch, args.dtype), args.n,
                                args.budget, args.storage or scratch)
-    device = f"CPU {platform.processor() or platform.machine()}, {args.threads} threads"
+    device = f"CPU {cpu_name()}, {args.threads} threads"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(rates_file(device, rates, extra))
     for name, value in rates.items():

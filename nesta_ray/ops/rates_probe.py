@@ -11,14 +11,31 @@ said in the result).
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from nesta_ray.io.storage import join, put_object, read_bytes, remove_tree
 from nesta_ray.model.precision import gram_product
+
+
+def cpu_name() -> str:
+    """The host CPU as /proc/cpuinfo names it, with the bfloat16 matrix extensions it has (AMX, AVX-512 BF16):
+    they decide how fast the bfloat16 calibration path is, and the machines results are measured on differ.
+    ``platform.processor()`` (for example ``x86_64``) where /proc/cpuinfo is unreadable."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{model} ({', '.join(bf16) or 'no bf16 matrix extensions'})"
 
 
 def _sync(device: torch.device) -> None:

@@ -9,7 +9,6 @@ same model.
 
 from __future__ import annotations
 
-import os
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -26,7 +25,7 @@ from nesta_ray.ops.evaluation import window_nll
 from nesta_ray.pipeline.layer_host import ModelLayers
 from nesta_ray.pipeline.precision import device_solver
 from nesta_ray.pipeline.shard_weights import DENSE, Weights, WeightsSwitch, staged
-from nesta_ray.pipeline.tasks import Work, fixed_threads
+from nesta_ray.pipeline.tasks import Work, fixed_threads, usable_cpus
 
 
 class Runner(Protocol):
@@ -115,7 +114,7 @@ class InProcessModel(AbstractContextManager["InProcessModel"]):
         self.switch.ensure(DENSE)
         fishers = self.switch.fishers("cpu")
         linears = {i: self.switch.linears(i) for i in self.work.plan.layers()}
-        workers = max(1, len(os.sched_getaffinity(0)) // self.work.threads)  # micro-batches side by side
+        workers = max(1, usable_cpus() // self.work.threads)  # micro-batches side by side
         with fixed_threads(self.work.threads):  # the shards' count: the same sums bit for bit
             collect_projections(self.model, self.spec, ids, self.work.micro_batch, linears, fishers, workers)
         return self.switch.curves(fishers)

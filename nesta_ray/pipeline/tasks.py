@@ -4,6 +4,7 @@ input group as a plain function that Ray runs (numpy in, ``Factors`` out; no Ray
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,14 @@ class Work:
     def subset(self, layers: list[int]) -> Work:
         """The same work restricted to ``layers`` (a layer shard's part)."""
         return dataclasses.replace(self, plan=self.plan.subset(layers))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which honours taskset and cgroup cpusets on Linux;
+    ``os.cpu_count()`` where the platform has no affinity call, as macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @contextmanager
