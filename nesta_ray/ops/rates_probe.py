@@ -28,12 +28,11 @@ def cpu_name() -> str:
     they decide how fast the bfloat16 calibration path is, and the machines results are measured on differ.
     ``platform.processor()`` (for example ``x86_64``) where /proc/cpuinfo is unreadable."""
     try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
     except OSError:
         return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
     return f"{model} ({', '.join(bf16) or 'no bf16 matrix extensions'})"
 
