@@ -63,7 +63,8 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, out: Path) -> di
     wall = time.perf_counter() - start
     meta = json.loads((Path(report["run_uri"]) / "nesta.json").read_text())
     timings = report.get("timings", {})
-    return {"variant": name, "seed": seed, "overrides": overrides, "wall_s": round(wall, 1),
+    recorded = [o.replace(str(out), "<temp dir>") for o in overrides]  # no path of this machine in the results
+    return {"variant": name, "seed": seed, "overrides": recorded, "wall_s": round(wall, 1),
             "compress_total_s": round(timings.get("compress_total", float("nan")), 2),
             "decomposition_s": round(sum(m["seconds"] for m in meta["modules"].values()), 2),
             "timings": {k: round(v, 2) for k, v in timings.items() if isinstance(v, (int, float))},
